@@ -1,0 +1,223 @@
+"""Plain (non-private) mini-batch training and scoring of Mult-VAE / Mult-DAE.
+
+Used as is by the centralised run and by each federated client for its local epochs; the
+privacy layers (Opacus DP-SGD, update clipping and noise) wrap the model and optimiser, not this
+loop. The loop follows the reference ``vae_cf`` notebook (Liang et al. 2018): rows shuffled each
+epoch, one Adam step per batch, ``beta`` annealed with the global update count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from common.model import VAEOutput, vae_loss
+
+__all__ = ["TrainConfig", "TrainStats", "make_optimizer", "score_users", "train_epochs"]
+
+logger = logging.getLogger(__name__)
+
+Sparse: TypeAlias = sp.spmatrix | sp.sparray
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings (reference values: Adam, lr 1e-3, batch 500)."""
+
+    epochs: int = 1
+    """Passes over the local data per call (per federated round on a client)."""
+    batch_size: int = 500
+    """Users per update."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    """Adam L2 penalty; 0 for Mult-VAE, ``common.model.REFERENCE_DAE_WEIGHT_DECAY`` for Mult-DAE."""
+    seed: int = 0
+    """Seed of the generator that shuffles rows and draws dropout / reparameterisation noise."""
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0.0):
+            raise ValueError(f"lr must be finite and > 0, got {self.lr!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded with :attr:`seed`."""
+        return torch.Generator().manual_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one :func:`train_epochs` call did."""
+
+    steps: int
+    """Optimiser updates done; the next call's ``start_step`` is ``start_step + steps``."""
+    mean_loss: float
+    """Loss (negative annealed ELBO per user) averaged over every user row seen."""
+    last_beta: float
+    """KL weight used by the last update."""
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over all trainable parameters, as in the reference."""
+    return torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _forked_rng(generator: torch.Generator | None, device: torch.device) -> Iterator[None]:
+    """Draw dropout / ``randn`` noise from a seed taken from ``generator``, not the global state.
+
+    The model's noise uses torch's global RNG (so Opacus sees ordinary modules); forking it makes
+    a run reproducible from ``generator`` alone and leaves the global RNG as it was, which matters
+    when many simulated clients train in one process.
+    """
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _dense_rows(
+    data: sp.csr_matrix, rows: npt.NDArray[np.int64], device: torch.device
+) -> torch.Tensor:
+    return torch.from_numpy(data[rows].toarray()).to(device)  # (B, I) float32
+
+
+def train_epochs(
+    model: nn.Module,
+    data: Sparse,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    beta_schedule: Callable[[int], float] | None,
+    start_step: int = 0,
+    generator: torch.Generator | None = None,
+) -> TrainStats:
+    """Train ``model`` for ``epochs`` passes over the rows of ``data`` (Liang et al. 2018, alg. 1).
+
+    Each epoch shuffles the rows, densifies each batch to float32 ``(B, n_items)``, and takes one
+    optimiser step on :func:`common.model.vae_loss` with ``beta = beta_schedule(step)``, where
+    ``step`` counts updates from ``start_step`` (the reference's ``update_count``).
+
+    Parameters
+    ----------
+    model:
+        A Mult-VAE / Mult-DAE (possibly wrapped, e.g. by Opacus) returning
+        :class:`common.model.VAEOutput`.
+    data:
+        ``(n_users, n_items)`` interactions, one row per user.
+    epochs, batch_size:
+        Passes over the data (> 0) and rows per update (> 0; the last batch may be smaller).
+    optimizer:
+        Optimiser over ``model``'s parameters.
+    beta_schedule:
+        KL weight as a function of the global update count, e.g.
+        :func:`common.model.beta_schedule`; ``None`` means ``beta = 0`` (Mult-DAE, or no KL).
+    start_step:
+        Updates already done in earlier calls (>= 0).
+    generator:
+        Random source for shuffling and for the model's dropout / reparameterisation noise; with
+        it the call is reproducible and leaves torch's global RNG untouched. ``None`` uses the
+        global RNG.
+
+    Returns
+    -------
+    TrainStats
+        Updates done, mean loss, last ``beta``.
+
+    Raises
+    ------
+    FloatingPointError
+        If the loss becomes NaN or infinite.
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    X = sp.csr_matrix(data, dtype=np.float32)
+    n_users = X.shape[0]
+    if n_users == 0:
+        raise ValueError("data has no rows to train on")
+    device = _device_of(model)
+    model.train()
+    step = start_step
+    beta = 0.0
+    loss_sum = 0.0
+    with _forked_rng(generator, device):
+        for _ in range(epochs):
+            perm = torch.randperm(n_users, generator=generator).numpy()  # (n_users,)
+            for start in range(0, n_users, batch_size):
+                x = _dense_rows(X, perm[start : start + batch_size], device)  # (B, I)
+                beta = 0.0 if beta_schedule is None else float(beta_schedule(step))
+                optimizer.zero_grad(set_to_none=True)
+                output: VAEOutput = model(x)
+                loss = vae_loss(output, x, beta=beta)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.item())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss is {value} at update {step}")
+                loss_sum += value * x.shape[0]
+                step += 1
+    stats = TrainStats(
+        steps=step - start_step, mean_loss=loss_sum / (epochs * n_users), last_beta=beta
+    )
+    logger.debug("trained %d users: %s", n_users, stats)
+    return stats
+
+
+def score_users(model: nn.Module, foldin: Sparse, *, batch_size: int = 1000) -> np.ndarray:
+    """Logits ``(n_users, n_items)`` float32 for each fold-in row, in evaluation mode.
+
+    Evaluation mode turns dropout off and uses ``z = mu`` (Liang et al. 2018 section 2.4). Fold-in
+    items are not masked here: :func:`common.metrics.evaluate` does it. The model's training mode
+    is restored afterwards.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    X = sp.csr_matrix(foldin, dtype=np.float32)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    out = np.empty(X.shape, dtype=np.float32)  # (n_users, I)
+    try:
+        with torch.no_grad():
+            for start in range(0, X.shape[0], batch_size):
+                rows = np.arange(start, min(start + batch_size, X.shape[0]))
+                output: VAEOutput = model(_dense_rows(X, rows, device))
+                out[rows] = output.logits.float().cpu().numpy()  # (B, I)
+    finally:
+        model.train(was_training)
+    return out
