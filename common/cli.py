@@ -1,0 +1,261 @@
+"""The ``fedrec`` command line: one console script, one subcommand per task.
+
+The CLI owns the terminal: it configures logging, draws progress bars and turns
+:class:`~common.errors.FedrecError` into a one-line message and a non-zero exit. Commands import
+their heavy modules (torch, flwr) lazily so ``fedrec --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from common.errors import FedrecError
+
+__all__ = ["main"]
+
+console = Console(stderr=True)
+out = Console()
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from common.data import fetch_ml100k
+
+    if args.name != "ml-100k":
+        raise FedrecError(
+            f"unknown data set {args.name!r}: only 'ml-100k' is embedded; other data sets are "
+            "read from a path (GroupLens ml-100k/ml-1m/ml-20m folders, RecBole files, plain CSV)"
+        )
+    with console.status("fetching ml-100k"):
+        path = fetch_ml100k(args.cache_dir)
+    out.print(str(path))
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from common.data import dataset_stats, load_dataset
+
+    with console.status(f"reading {args.dataset}"):
+        ds = load_dataset(args.dataset, cache_dir=args.cache_dir, min_rating=args.min_rating)
+    stats = dataset_stats(ds)
+    if args.json:
+        out.print_json(json.dumps(stats))
+        return 0
+    table = Table(title=f"{ds.name} ({ds.sha256[:12]})", show_header=False)
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.6g}"
+        table.add_row(str(key), str(value))
+    out.print(table)
+    return 0
+
+
+def _cmd_data_export_split(args: argparse.Namespace) -> int:
+    from common.data import export_split, load_dataset, split_strong_generalization
+
+    with console.status(f"reading {args.dataset}"):
+        ds = load_dataset(args.dataset, cache_dir=args.cache_dir, min_rating=args.min_rating)
+        split = split_strong_generalization(ds, seed=args.seed)
+        paths = export_split(split, ds, args.out)
+    for path in paths:
+        out.print(str(path))
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from common.data import synthesize
+
+    with console.status(f"generating {args.users} users x {args.items} items"):
+        path = synthesize(args.users, args.items, seed=args.seed, out_dir=args.out)
+    out.print(str(path))
+    return 0
+
+
+# ------------------------------------------------------------------------------ train-central
+
+
+def _cmd_train_central(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from common.config import apply_overrides, parse
+    from simulations.central import CentralConfig, run_central
+
+    raw: dict[str, Any] = {"dataset": args.dataset, "model": args.model, "seed": args.seed}
+    if args.epochs is not None:
+        raw["epochs"] = args.epochs
+    if args.cache_dir is not None:
+        raw["cache_dir"] = str(args.cache_dir)
+    cfg = parse(CentralConfig, apply_overrides(raw, args.set))
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(cfg.model.value, total=cfg.epochs, info="")
+
+        def on_epoch(epoch: int, total: int, m: dict[str, float]) -> None:
+            info = f"loss {m['loss']:.2f}  val NDCG@100 {m['ndcg@100']:.4f} (best {m['best']:.4f})"
+            progress.update(task, completed=epoch, info=info)
+
+        result = run_central(cfg, args.out, on_epoch=on_epoch)
+    table = Table(title=f"{cfg.model.value} on {cfg.dataset} (seed {cfg.seed})")
+    table.add_column("split")
+    keys = list(result.test)
+    for key in keys:
+        table.add_column(key, justify="right")
+    for name, metrics in (("validation", result.validation), ("test", result.test)):
+        table.add_row(name, *(f"{metrics[k]:.4f}" for k in keys))
+    out.print(table)
+    out.print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- recommend
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from client.recommend import parse_history, recommend
+
+    history = parse_history(args.history)
+    result = recommend(Path(args.model), history, k=args.k)
+    if result.unknown_ids:
+        shown = ", ".join(result.unknown_ids[:10])
+        more = "" if len(result.unknown_ids) <= 10 else f" (+{len(result.unknown_ids) - 10} more)"
+        console.print(f"[yellow]skipped {len(result.unknown_ids)} unknown item ids: {shown}{more}")
+    if args.json:
+        payload = {
+            "items": [
+                {"item_id": r.item_id, "title": r.title, "score": r.score} for r in result.items
+            ],
+            "unknown_ids": result.unknown_ids,
+        }
+        out.print_json(json.dumps(payload))
+        return 0
+    table = Table(title=f"top {len(result.items)} for a history of {result.known_history} items")
+    table.add_column("#", justify="right")
+    table.add_column("item_id")
+    table.add_column("title")
+    table.add_column("score", justify="right")
+    for rank, r in enumerate(result.items, start=1):
+        table.add_row(str(rank), r.item_id, r.title, f"{r.score:.3f}")
+    out.print(table)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, default=None, help="data cache ($FEDREC_DATA)")
+    p.add_argument("--min-rating", type=float, default=4.0, help="ratings >= this are positives")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fedrec",
+        description="Federated, privacy-preserving recommendations (Mult-VAE on Flower).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="fetch, inspect, split and synthesize data sets")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("fetch", help="fetch an embedded data set into the cache")
+    p.add_argument("name", help="data set name (ml-100k)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="data cache ($FEDREC_DATA)")
+    p.set_defaults(handler=_cmd_data_fetch)
+
+    p = dsub.add_parser("stats", help="counts, density, quantiles and what cleaning dropped")
+    p.add_argument("dataset", help="ml-100k or a path to a data file or folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_data_options(p)
+    p.set_defaults(handler=_cmd_data_stats)
+
+    p = dsub.add_parser("export-split", help="write the exact split a run uses as CSV files")
+    p.add_argument("dataset")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_options(p)
+    p.set_defaults(handler=_cmd_data_export_split)
+
+    p = dsub.add_parser("synth", help="write a synthetic data set for scale tests")
+    p.add_argument("--users", type=int, required=True)
+    p.add_argument("--items", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_data_synth)
+
+    p = sub.add_parser("train-central", help="train a recommender centrally (the reference)")
+    p.add_argument("--dataset", default="ml-100k")
+    p.add_argument(
+        "--model", default="multvae", choices=["multvae", "multdae", "ease", "popularity"]
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a setting, e.g. --set dims=[200,64] --set lr=0.001",
+    )
+    p.set_defaults(handler=_cmd_train_central)
+
+    p = sub.add_parser("recommend", help="recommend for one history, on this device")
+    p.add_argument("--model", required=True, help="path to model.pt")
+    p.add_argument("--history", required=True, help="file of item ids, or comma-separated ids")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_recommend)
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedrec`` command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except FedrecError as err:
+        console.print(
+            f"fedrec: error: {err}", style="red", markup=False, highlight=False, soft_wrap=True
+        )
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
