@@ -45,3 +45,12 @@ def test_sha256_and_json(tmp_path: Path) -> None:
     import hashlib
 
     assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_default_mode_follows_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "report.html", b"x")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "report.html").st_mode & 0o777) == 0o644
