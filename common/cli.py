@@ -162,6 +162,95 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- simulate
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from common.runconfig import load_run_config
+    from simulations.report import write_report
+    from simulations.runner import (
+        central_reference,
+        finish_results,
+        prepare_run,
+        resume_config,
+        simulate,
+    )
+
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        cfg = resume_config(run_dir)
+        from common.rundata import n_clients_of
+
+        n_clients = n_clients_of(run_dir)
+    else:
+        if args.out is None:
+            raise FedrecError("simulate needs --out RUN_DIR (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        if (run_dir / "results.json").exists() and not args.force:
+            raise FedrecError(
+                f"{run_dir} already holds a run: use --resume {run_dir} to continue it, "
+                "or --force to start over"
+            )
+        cfg = load_run_config(args.config, args.set)
+        if args.force and run_dir.exists():
+            for name in ("server_state.pt", "progress.jsonl", "results.json", "rounds.csv"):
+                (run_dir / name).unlink(missing_ok=True)
+        with console.status("preparing data and clients"):
+            n_clients = prepare_run(cfg, run_dir, cache_dir=args.cache_dir)
+    console.print(f"{cfg.name}: {n_clients} clients, {cfg.rounds} rounds -> {run_dir}")
+    columns = (
+        TextColumn("[bold]round {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("rounds", total=cfg.rounds, info="starting Flower")
+        last_ndcg = "–"
+
+        def on_event(event: dict[str, Any]) -> None:
+            nonlocal last_ndcg
+            kind = event.get("event")
+            if kind == "start":
+                progress.update(task, completed=event.get("resumed_after", 0),
+                                info="waiting for client nodes")
+            elif kind == "nodes":
+                progress.update(task, info=f"{event['registered']} nodes registered")
+            elif kind == "round":
+                if event.get("ndcg@100") is not None:
+                    last_ndcg = f"{event['ndcg@100']:.4f}"
+                info = (
+                    f"sampled {event['sampled']} returned {event['returned']} "
+                    f"failed {event['failed'] + event['dropped']}  NDCG@100 {last_ndcg}"
+                )
+                progress.update(task, completed=event["round"], info=info)
+
+        outcome = simulate(run_dir, n_clients, cfg, on_event=on_event)
+    reference = None
+    if cfg.reference:
+        with console.status("training the centralized reference on the same split"):
+            reference = central_reference(cfg, run_dir, cache_dir=args.cache_dir)
+    finish_results(run_dir, wall_seconds=outcome.wall_seconds, reference=reference)
+    report = write_report(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    table = Table(title=f"{cfg.name}: test metrics after {cfg.rounds} rounds")
+    table.add_column("model")
+    for key in ("ndcg@100", "recall@20", "recall@50"):
+        table.add_column(key, justify="right")
+    final = results["final"]["test"]
+    table.add_row("federated", *(f"{final[k]:.4f}" for k in ("ndcg@100", "recall@20", "recall@50")))
+    if reference is not None:
+        ref = reference["test"]
+        table.add_row(reference["label"], *(f"{ref[k]:.4f}" for k in ("ndcg@100", "recall@20",
+                                                                       "recall@50")))
+    out.print(table)
+    out.print(f"wall time {outcome.wall_seconds:.1f} s; report: {report}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 
 
@@ -220,6 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a setting, e.g. --set dims=[200,64] --set lr=0.001",
     )
     p.set_defaults(handler=_cmd_train_central)
+
+    p = sub.add_parser("simulate", help="run a federated simulation (Flower, Ray backend)")
+    p.add_argument("--config", type=Path, default=None, help="run config TOML")
+    p.add_argument("--out", type=Path, default=None, help="run folder")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue a stopped run from its last complete round")
+    p.add_argument("--force", action="store_true", help="start over in an existing run folder")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a dotted config key, e.g. --set rounds=20 --set server.optimizer=fedadam",
+    )
+    p.set_defaults(handler=_cmd_simulate)
 
     p = sub.add_parser("recommend", help="recommend for one history, on this device")
     p.add_argument("--model", required=True, help="path to model.pt")

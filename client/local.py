@@ -1,0 +1,151 @@
+"""What a client does with its own data: keep a local held-out part, train, measure.
+
+A client never trains on its local held-out items: they are kept apart (deterministically, so
+every round sees the same split) to score the global model on the device itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from common.metrics import evaluate
+from common.model import ModelConfig, build_model
+from common.runconfig import ClientConfig
+from common.training import score_users, train_epochs
+
+__all__ = ["LocalData", "LocalUpdate", "compute_update", "local_metrics", "split_local"]
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A client's rows, split into what it trains on and what it holds out to evaluate."""
+
+    train: sp.csr_matrix
+    foldin: sp.csr_matrix
+    holdout: sp.csr_matrix
+
+    @property
+    def n_users(self) -> int:
+        """Users on this client."""
+        return int(self.train.shape[0])
+
+
+def split_local(rows: sp.csr_matrix, *, fraction: float, seed: int) -> LocalData:
+    """Hold out ``fraction`` of each user's items (users with >= 5 items) for local evaluation.
+
+    Mirrors the fold-in / held-out split of Liang et al. (2018) on the client's own users:
+    held-out items are removed from the training rows, fold-in items are the rest.
+    """
+    rows = sp.csr_matrix(rows, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    keep = np.ones(rows.nnz, dtype=bool)
+    for u in range(rows.shape[0]):
+        start, end = rows.indptr[u], rows.indptr[u + 1]
+        n = end - start
+        if n >= 5:
+            out = rng.choice(n, size=int(fraction * n), replace=False)
+            keep[start + out] = False
+    coo = rows.tocoo()
+    shape = rows.shape
+    train = sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=shape)
+    held = sp.csr_matrix((coo.data[~keep], (coo.row[~keep], coo.col[~keep])), shape=shape)
+    return LocalData(train=train, foldin=train, holdout=held)
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """A client's weighted model update and what producing it cost."""
+
+    delta: dict[str, np.ndarray]
+    """``weight * (local - global)`` per parameter."""
+    weight: float
+    """The weight already applied (the client's example count)."""
+    num_examples: int
+    mean_loss: float
+    train_seconds: float
+
+
+_MODELS: dict[str, nn.Module] = {}
+
+
+def model_for(config: ModelConfig) -> nn.Module:
+    """A model of ``config``'s shape, built once per process (weights are always overwritten)."""
+    key = repr(sorted(config.to_dict().items()))
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = build_model(config)
+    return _MODELS[key]
+
+
+def compute_update(
+    global_state: dict[str, torch.Tensor],
+    data: LocalData,
+    *,
+    model_config: ModelConfig,
+    client: ClientConfig,
+    beta: float,
+    seed: int,
+) -> LocalUpdate:
+    """Train the global model on the client's rows for ``client.local_epochs`` epochs.
+
+    Returns the example-weighted delta ``n * (local - global)``, so the server only adds
+    updates and divides by the summed weight (pre-weighting keeps aggregation additive).
+    """
+    model = model_for(model_config)
+    model.load_state_dict(global_state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
+    if client.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=client.lr)
+    else:
+        optimizer = torch.optim.SGD(params, lr=client.lr)
+    start = time.perf_counter()
+    stats = train_epochs(
+        model,
+        data.train,
+        epochs=client.local_epochs,
+        batch_size=client.batch_size,
+        optimizer=optimizer,
+        beta_schedule=lambda _step: beta,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    seconds = time.perf_counter() - start
+    weight = float(data.n_users)
+    new_state = model.state_dict()
+    delta = {
+        k: (weight * (new_state[k] - global_state[k])).numpy().astype(np.float32)
+        for k in global_state
+    }
+    return LocalUpdate(
+        delta=delta,
+        weight=weight,
+        num_examples=data.n_users,
+        mean_loss=stats.mean_loss,
+        train_seconds=seconds,
+    )
+
+
+def local_metrics(
+    global_state: dict[str, torch.Tensor], data: LocalData, *, model_config: ModelConfig
+) -> dict[str, float]:
+    """NDCG@100 / Recall@20 / Recall@50 of the global model on the local held-out items."""
+    users = np.diff(data.holdout.indptr) > 0
+    if not users.any():
+        return {"eval-users": 0.0}
+    model = model_for(model_config)
+    model.load_state_dict(global_state)
+    metrics = evaluate(
+        lambda x: score_users(model, x), data.foldin[users], data.holdout[users], ks=(20, 50, 100)
+    )
+    return {
+        "ndcg@100": float(metrics["ndcg@100"]),
+        "recall@20": float(metrics["recall@20"]),
+        "recall@50": float(metrics["recall@50"]),
+        "eval-users": float(users.sum()),
+    }

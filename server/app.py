@@ -1,0 +1,36 @@
+"""The fedrec ServerApp (Flower Message API).
+
+It reads the run folder from ``context.run_config["run-dir"]``, the resolved config from
+``RUN_DIR/config.toml`` and hands the grid to :func:`server.federation.run_federation`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.rundata import n_clients_of
+from common.runconfig import load_run_config
+from server.federation import run_federation
+
+__all__ = ["app"]
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run folder in ``context.run_config``."""
+    run_dir = Path(str(context.run_config["run-dir"]))
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(
+            f"{run_dir}/config.toml is missing: prepare the run with `fedrec simulate` first"
+        )
+    cfg = load_run_config(run_dir / "config.toml")
+    expected = int(context.run_config.get("expected-nodes", 0)) or n_clients_of(run_dir)  # type: ignore[call-overload]
+    run_federation(grid, cfg, run_dir, expected_nodes=expected)

@@ -1,0 +1,220 @@
+"""The plain federated strategy: sample a cohort, send the global model, add up the updates.
+
+Clients send their update already weighted (``weight * (local - global)``) together with the
+weight, so the server only adds: the same protocol works when the updates are noised for
+differential privacy or encrypted, which wrap this strategy rather than change it.
+
+This follows Flower's Message-API :class:`flwr.serverapp.strategy.Strategy` interface
+(``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` / ``aggregate_evaluate``);
+the round loop that drives it lives in :mod:`server.federation`, because fedrec's loop also
+checkpoints, resumes, waits for node registration and reports progress.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from common.runconfig import Sampling, ServerConfig
+from server.optimizer import ServerOpt
+
+__all__ = ["FedRecStrategy", "RoundStats", "sample_cohort", "wire_bytes"]
+
+logger = logging.getLogger(__name__)
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+WEIGHT_KEY = "weight"
+EXAMPLES_KEY = "num-examples"
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """Bytes ``content`` takes on the wire: the serialized size of all its records."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+def sample_cohort(
+    node_ids: Sequence[int], cfg: ServerConfig, rng: np.random.Generator
+) -> list[int]:
+    """Pick a round's cohort.
+
+    ``poisson``: each node independently with probability ``q`` (``cfg.sample_rate``), so the
+    cohort size is Binomial(N, q) and privacy amplification by Poisson subsampling applies
+    (Zhu and Wang 2019). ``fixed``: ``clients_per_round`` nodes uniformly without replacement.
+    """
+    ids = sorted(node_ids)  # node ids are unsigned 64-bit: index them, never cast them
+    if cfg.sampling is Sampling.POISSON:
+        picked = np.flatnonzero(rng.random(len(ids)) < cfg.sample_rate)
+    else:
+        k = min(cfg.clients_per_round, len(ids))
+        picked = np.sort(rng.choice(len(ids), size=k, replace=False))
+    return [ids[int(i)] for i in picked]
+
+
+@dataclass
+class RoundStats:
+    """What one round's training exchange produced, for the log, the ledger and results."""
+
+    invited: int = 0
+    returned: int = 0
+    failed: int = 0
+    dropped: int = 0
+    refused: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    applied: bool = False
+    reasons: list[str] = field(default_factory=list)
+    client_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class FedRecStrategy(Strategy):
+    """Sampled, pre-weighted federated averaging with a server optimizer.
+
+    Parameters
+    ----------
+    server:
+        Sampling, minimum cohort and optimizer settings.
+    optimizer:
+        Applies the averaged delta to the global weights (FedAvg or FedAdam).
+    seed:
+        Seed of the cohort sampling; round ``r`` uses ``default_rng([seed, r])`` so a resumed
+        run samples exactly as an uninterrupted one.
+    """
+
+    def __init__(self, server: ServerConfig, optimizer: ServerOpt, *, seed: int) -> None:
+        self.server = server
+        self.optimizer = optimizer
+        self.seed = seed
+        self.node_ids: list[int] = []
+        self.last = RoundStats()
+        self._global: dict[str, np.ndarray] = {}
+
+    # ----------------------------------------------------------------------------- training
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample the cohort and address the global model to each member."""
+        rng = np.random.default_rng([self.seed, server_round])
+        cohort = sample_cohort(self.node_ids or list(grid.get_node_ids()), self.server, rng)
+        self._global = {k: np.array(v, copy=True) for k, v in _to_numpy(arrays).items()}
+        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        per_message = wire_bytes(content)
+        self.last = RoundStats(invited=len(cohort), bytes_down=per_message * len(cohort))
+        ttl = self.server.round_timeout + 60.0
+        return [
+            Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=ttl,
+                    group_id=str(server_round))
+            for node in cohort
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Sum the pre-weighted updates, divide by the summed weight, apply the optimizer."""
+        stats = self.last
+        replies = list(replies)
+        stats.dropped = stats.invited - len(replies)
+        total: dict[str, np.ndarray] | None = None
+        weight = 0.0
+        seconds: dict[str, float] = {}
+        for msg in replies:
+            if msg.has_error():
+                stats.failed += 1
+                stats.reasons.append(f"node {msg.metadata.src_node_id}: {msg.error.reason[:200]}")
+                continue
+            stats.bytes_up += wire_bytes(msg.content)
+            metrics = msg.content[METRICS_KEY]
+            if int(metrics.get("refused", 0)):
+                stats.refused += 1
+                continue
+            update = _to_numpy(msg.content[ARRAYS_KEY])
+            if set(update) != set(self._global):
+                stats.failed += 1
+                stats.reasons.append(f"node {msg.metadata.src_node_id}: wrong array names")
+                continue
+            stats.returned += 1
+            weight += float(metrics[WEIGHT_KEY])
+            for key, value in metrics.items():
+                if key.endswith("-seconds") and isinstance(value, int | float):
+                    seconds[key] = seconds.get(key, 0.0) + float(value)
+            if total is None:
+                total = {k: v.astype(np.float64, copy=True) for k, v in update.items()}
+            else:
+                for k, v in update.items():
+                    total[k] += v
+        stats.client_seconds = seconds
+        if total is None or stats.returned < self.server.min_clients or weight <= 0:
+            logger.warning(
+                "round %d: %d of %d invited returned (minimum %d); nothing applied",
+                server_round, stats.returned, stats.invited, self.server.min_clients,
+            )
+            return None, None
+        delta = {k: (v / weight).astype(np.float32) for k, v in total.items()}
+        self.optimizer.step_inplace(self._global, delta)
+        stats.applied = True
+        return _from_numpy(self._global), MetricRecord({"returned": stats.returned})
+
+    # --------------------------------------------------------------------------- evaluation
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask a sampled cohort to score the global model on its own held-out items."""
+        rng = np.random.default_rng([self.seed, server_round, 1])
+        cohort = sample_cohort(self.node_ids or list(grid.get_node_ids()), self.server, rng)
+        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        ttl = self.server.round_timeout + 60.0
+        return [
+            Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, ttl=ttl,
+                    group_id=f"{server_round}-eval")
+            for node in cohort
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Average the clients' metrics, weighted by the users each evaluated."""
+        sums: dict[str, float] = {}
+        users = 0.0
+        for msg in replies:
+            if msg.has_error():
+                continue
+            metrics = msg.content[METRICS_KEY]
+            n = float(metrics.get("eval-users", 0))
+            if n <= 0:
+                continue
+            users += n
+            for key, value in metrics.items():
+                if key.startswith(("ndcg@", "recall@")):
+                    sums[key] = sums.get(key, 0.0) + n * float(value)  # type: ignore[arg-type]
+        if users == 0:
+            return None
+        return MetricRecord({**{k: v / users for k, v in sums.items()}, "eval-users": users})
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        s = self.server
+        logger.info(
+            "FedRecStrategy: %s sampling (q=%s, fixed=%d), min %d clients, %s lr=%s",
+            s.sampling.value, s.sample_rate, s.clients_per_round, s.min_clients,
+            s.optimizer.value, s.lr,
+        )
+
+
+def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: arr.numpy() for key, arr in record.items()}
+
+
+def _from_numpy(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(
+        {k: Array.from_numpy_ndarray(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    )

@@ -1,0 +1,88 @@
+"""Child process of ``fedrec simulate``: runs Flower's simulation engine on the Ray backend.
+
+It makes the call that Flower's own ``flwr-simulation`` process makes for ``flwr run`` on a local
+simulation (``flwr.simulation.app`` -> ``_run_simulation``), with fedrec's ServerApp and
+ClientApp components from ``[tool.flwr.app.components]`` and a run config that points at the run
+folder. The public ``run_simulation`` is deprecated in Flower 1.42 and ignores the run config,
+and ``flwr run`` adds a detached SuperLink and an app install per run, hence this direct call
+(pinned to ``flwr==1.42.0``; a test runs it end to end).
+
+Usage: ``python -m simulations.worker RUN_DIR NUM_NODES NUM_CPUS_PER_CLIENT``
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["APP_DIR", "main"]
+
+APP_DIR = Path(__file__).resolve().parents[1]
+"""Folder whose ``pyproject.toml`` declares the Flower app (the project root)."""
+
+
+def run(run_dir: Path, num_nodes: int, cpus_per_client: float) -> None:
+    """Run the simulation of ``run_dir`` with ``num_nodes`` virtual SuperNodes."""
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as flwr-simulation does
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir, get_project_config
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from simulations import vce_patch
+
+    overrides = {"run-dir": str(run_dir.resolve()), "expected-nodes": num_nodes}
+    components = get_project_config(APP_DIR)["tool"]["flwr"]["app"]["components"]
+    run_config = get_fused_config_from_dir(APP_DIR, overrides)
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = overrides  # becomes each ClientApp context's run_config
+    TaskIdentity.task_id = run.primary_task_id
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    server_context = Context(
+        run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+        run_config=run_config,
+    )
+    vce_patch.apply()
+    _run_simulation(
+        num_supernodes=num_nodes,
+        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+        server_app_attr=components["serverapp"],
+        client_app_attr=components["clientapp"],
+        app_dir=str(APP_DIR),
+        is_app=True,
+        run=run,
+        server_app_context=server_context,
+        backend_name="ray",
+        backend_config={
+            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+            "init_args": {
+                "num_cpus": os.cpu_count() or 1,
+                "logging_level": "ERROR",
+                "log_to_driver": True,
+                "include_dashboard": False,
+            },
+        },
+        verbose_logging=False,
+    )
+
+
+def main() -> None:
+    """Entry point of the child process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run_dir, num_nodes, cpus = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    run(run_dir, num_nodes, cpus)
+
+
+if __name__ == "__main__":
+    main()
