@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
 
-.PHONY: install demo data test lint unit bench clean
+.PHONY: install demo central data test lint unit bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,14 @@ data: install
 	$(BIN)/fedrec data fetch ml-100k
 
 demo: data
-	$(BIN)/fedrec train-central --dataset ml-100k --model multvae --out $(RUN)
+	$(BIN)/fedrec simulate --config simulations/configs/ml100k.toml --out $(RUN) --force
+
+central: data
+	$(BIN)/fedrec train-central --dataset ml-100k --model multvae --out runs/central
+
+bench: install
+	$(BIN)/python -m simulations.bench_central --seeds 0 1 2
+	$(BIN)/python -m simulations.bench_federated --rounds 8
 
 lint: install
 	$(BIN)/ruff check common server client simulations tests

@@ -22,8 +22,8 @@ from flwr.clientapp import ClientApp
 
 from client.local import LocalData, compute_update, local_metrics, split_local
 from common.model import ModelConfig, ModelKind
-from common.rundata import load_client_shard
 from common.runconfig import RunConfig, load_run_config
+from common.rundata import load_client_shard
 
 __all__ = ["app"]
 
@@ -40,8 +40,12 @@ def _run_config(run_dir: str) -> RunConfig:
 def _model_config(cfg: RunConfig, n_items: int) -> ModelConfig:
     m = cfg.model
     return ModelConfig(
-        kind=ModelKind(m.kind), n_items=n_items, dims=m.dims, dropout=m.dropout,
-        beta_cap=m.beta_cap, anneal_steps=m.anneal_steps,
+        kind=ModelKind(m.kind),
+        n_items=n_items,
+        dims=m.dims,
+        dropout=m.dropout,
+        beta_cap=m.beta_cap,
+        anneal_steps=m.anneal_steps,
     )
 
 
@@ -64,9 +68,11 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's rows; reply with the weighted delta."""
     t0 = time.perf_counter()
     cfg, client_id, data = _context(context)
-    config = msg.content["config"]
+    if client_id in cfg.simulation.fail_clients:
+        raise RuntimeError(f"client {client_id}: injected failure (simulation.fail_clients)")
+    config = msg.content.config_records["config"]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     model_cfg = _model_config(cfg, _n_items(global_state))
     t1 = time.perf_counter()
     update = compute_update(
@@ -97,10 +103,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this client's local held-out items."""
     cfg, _, data = _context(context)
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     model_cfg = _model_config(cfg, _n_items(global_state))
     metrics = local_metrics(global_state, data, model_config=model_cfg)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord(dict(metrics))}), reply_to=msg)
 
 
 def _n_items(state: dict[str, torch.Tensor]) -> int:

@@ -18,7 +18,7 @@ from common.checkpoint import Checkpoint, load_checkpoint
 from common.errors import DataError
 from common.model import ModelConfig, build_model
 
-__all__ = ["Recommendation", "RecommendResult", "parse_history", "recommend"]
+__all__ = ["RecommendResult", "Recommendation", "parse_history", "recommend"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,7 @@ def _read_history_file(path: Path) -> list[str]:
     return out
 
 
-def recommend(
-    checkpoint: Checkpoint | Path, history: list[str], *, k: int = 10
-) -> RecommendResult:
+def recommend(checkpoint: Checkpoint | Path, history: list[str], *, k: int = 10) -> RecommendResult:
     """Rank the items of ``checkpoint`` for a user whose history is ``history``.
 
     Parameters
@@ -119,7 +117,5 @@ def recommend(
     k = min(k, n_items - len(set(known)))
     top = np.argpartition(-scores, k - 1)[:k] if k > 0 else np.array([], dtype=int)
     top = top[np.argsort(-scores[top], kind="stable")]
-    items = [
-        Recommendation(ckpt.item_ids[i], ckpt.item_titles[i], float(scores[i])) for i in top
-    ]
+    items = [Recommendation(ckpt.item_ids[i], ckpt.item_titles[i], float(scores[i])) for i in top]
     return RecommendResult(items=items, unknown_ids=unknown, known_history=len(set(known)))

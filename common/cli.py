@@ -166,7 +166,13 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from common.runconfig import load_run_config
     from simulations.report import write_report
@@ -215,8 +221,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             nonlocal last_ndcg
             kind = event.get("event")
             if kind == "start":
-                progress.update(task, completed=event.get("resumed_after", 0),
-                                info="waiting for client nodes")
+                progress.update(
+                    task, completed=event.get("resumed_after", 0), info="waiting for client nodes"
+                )
             elif kind == "nodes":
                 progress.update(task, info=f"{event['registered']} nodes registered")
             elif kind == "round":
@@ -244,8 +251,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     table.add_row("federated", *(f"{final[k]:.4f}" for k in ("ndcg@100", "recall@20", "recall@50")))
     if reference is not None:
         ref = reference["test"]
-        table.add_row(reference["label"], *(f"{ref[k]:.4f}" for k in ("ndcg@100", "recall@20",
-                                                                       "recall@50")))
+        table.add_row(
+            reference["label"], *(f"{ref[k]:.4f}" for k in ("ndcg@100", "recall@20", "recall@50"))
+        )
     out.print(table)
     out.print(f"wall time {outcome.wall_seconds:.1f} s; report: {report}")
     return 0
@@ -305,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a setting, e.g. --set dims=[200,64] --set lr=0.001",
     )
     p.set_defaults(handler=_cmd_train_central)
@@ -313,12 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run a federated simulation (Flower, Ray backend)")
     p.add_argument("--config", type=Path, default=None, help="run config TOML")
     p.add_argument("--out", type=Path, default=None, help="run folder")
-    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue a stopped run from its last complete round")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a stopped run from its last complete round",
+    )
     p.add_argument("--force", action="store_true", help="start over in an existing run folder")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a dotted config key, e.g. --set rounds=20 --set server.optimizer=fedadam",
     )
     p.set_defaults(handler=_cmd_simulate)

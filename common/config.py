@@ -205,4 +205,3 @@ def to_toml(obj: Any) -> str:
     """Serialize a config dataclass as TOML (scalars first, then sections)."""
     data = to_dict(obj)
     return tomli_w.dumps(data)
-

@@ -181,6 +181,8 @@ class SimulationSection:
     """CPU share of one ClientApp actor (Ray backend)."""
     max_clients: int | None = None
     """Cap the population (take the first N clients); for quick runs."""
+    fail_clients: tuple[int, ...] = ()
+    """Fault injection: these client ids raise an error whenever asked to train."""
 
 
 @dataclass(frozen=True)

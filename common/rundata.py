@@ -128,12 +128,12 @@ def _partition(cfg: RunConfig, ds: Dataset, split: Split) -> ClientPartition:
     )
 
 
-def prepare_run_data(cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None) -> PreparedRun:
+def prepare_run_data(
+    cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None
+) -> PreparedRun:
     """Split and partition ``cfg.data.dataset`` and write ``RUN_DIR/data/*``."""
     ds = load_dataset(cfg.data.dataset, cache_dir=cache_dir, min_rating=cfg.data.min_rating)
-    split = split_strong_generalization(
-        ds, seed=cfg.seed, n_heldout_users=cfg.data.n_heldout_users
-    )
+    split = split_strong_generalization(ds, seed=cfg.seed, n_heldout_users=cfg.data.n_heldout_users)
     part = _partition(cfg, ds, split)
     data_dir = Path(run_dir) / "data"
     title_of = dict(zip(ds.item_ids.tolist(), ds.item_titles.tolist(), strict=True))
@@ -159,8 +159,10 @@ def prepare_run_data(cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = 
     }
     atomic_write_json(data_dir / "items.json", meta)
     logger.info(
-        "prepared %d clients from %d training users, %d items", part.n_clients,
-        split.train.shape[0], split.train.shape[1],
+        "prepared %d clients from %d training users, %d items",
+        part.n_clients,
+        split.train.shape[0],
+        split.train.shape[1],
     )
     return PreparedRun(
         n_clients=part.n_clients,

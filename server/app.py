@@ -12,8 +12,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.rundata import n_clients_of
 from common.runconfig import load_run_config
+from common.rundata import n_clients_of
 from server.federation import run_federation
 
 __all__ = ["app"]
@@ -32,5 +32,5 @@ def main(grid: Grid, context: Context) -> None:
             f"{run_dir}/config.toml is missing: prepare the run with `fedrec simulate` first"
         )
     cfg = load_run_config(run_dir / "config.toml")
-    expected = int(context.run_config.get("expected-nodes", 0)) or n_clients_of(run_dir)  # type: ignore[call-overload]
+    expected = int(context.run_config.get("expected-nodes", 0)) or n_clients_of(run_dir)
     run_federation(grid, cfg, run_dir, expected_nodes=expected)

@@ -28,8 +28,8 @@ from common.config import to_dict
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.metrics import evaluate
 from common.model import ModelConfig, ModelKind, anneal_beta, build_model
-from common.rundata import EvalData, load_eval_data
 from common.runconfig import RunConfig
+from common.rundata import EvalData, load_eval_data
 from common.training import score_users
 from server.optimizer import make_server_optimizer
 from server.strategy import FedRecStrategy
@@ -39,9 +39,22 @@ __all__ = ["ROUND_FIELDS", "ServerState", "run_federation", "wait_for_nodes"]
 logger = logging.getLogger(__name__)
 
 ROUND_FIELDS = (
-    "round", "sampled", "returned", "failed", "dropped", "refused", "applied",
-    "ndcg@100", "recall@20", "client_ndcg@100", "seconds", "bytes_up", "bytes_down",
-    "deserialize_seconds", "train_seconds", "serialize_seconds",
+    "round",
+    "sampled",
+    "returned",
+    "failed",
+    "dropped",
+    "refused",
+    "applied",
+    "ndcg@100",
+    "recall@20",
+    "client_ndcg@100",
+    "seconds",
+    "bytes_up",
+    "bytes_down",
+    "deserialize_seconds",
+    "train_seconds",
+    "serialize_seconds",
 )
 """Columns of ``rounds.csv``, in order."""
 
@@ -62,7 +75,9 @@ class ServerState:
         opt = self.optimizer
         payload = {
             "round": self.round,
-            "weights": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.weights.items()},
+            "weights": {
+                k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.weights.items()
+            },
             "optimizer": {
                 "steps": opt["steps"],
                 "m": {k: torch.from_numpy(v) for k, v in opt["m"].items()},
@@ -110,8 +125,9 @@ def wait_for_nodes(grid: Grid, *, expected: int, timeout: float, minimum: int) -
             raise RuntimeError(
                 f"only {len(nodes)} of {expected} client nodes registered in {timeout:.0f} s"
             )
-        logger.warning("%d of %d nodes registered after %.0f s; going on", len(nodes), expected,
-                       waited)
+        logger.warning(
+            "%d of %d nodes registered after %.0f s; going on", len(nodes), expected, waited
+        )
     logger.info("%d nodes registered after %.1f s", len(nodes), waited)
     return nodes
 
@@ -120,13 +136,18 @@ def model_config_of(cfg: RunConfig, n_items: int) -> ModelConfig:
     """The network that ``cfg`` describes for a catalogue of ``n_items``."""
     m = cfg.model
     return ModelConfig(
-        kind=ModelKind(m.kind), n_items=n_items, dims=m.dims, dropout=m.dropout,
-        beta_cap=m.beta_cap, anneal_steps=m.anneal_steps,
+        kind=ModelKind(m.kind),
+        n_items=n_items,
+        dims=m.dims,
+        dropout=m.dropout,
+        beta_cap=m.beta_cap,
+        anneal_steps=m.anneal_steps,
     )
 
 
-def _test_metrics(model_cfg: ModelConfig, weights: dict[str, np.ndarray], data: EvalData,
-                  split: str = "test") -> dict[str, float]:
+def _test_metrics(
+    model_cfg: ModelConfig, weights: dict[str, np.ndarray], data: EvalData, split: str = "test"
+) -> dict[str, float]:
     model = build_model(model_cfg)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     foldin = getattr(data, f"{split}_foldin")
@@ -200,11 +221,14 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
             weights={k: v.detach().numpy().copy() for k, v in init.state_dict().items()},
             optimizer=optimizer.state_dict(),
         )
-    out.event(event="start", rounds=cfg.rounds, resumed_after=state.round,
-              expected_nodes=expected_nodes)
+    out.event(
+        event="start", rounds=cfg.rounds, resumed_after=state.round, expected_nodes=expected_nodes
+    )
     strategy = FedRecStrategy(cfg.server, optimizer, seed=cfg.seed)
     strategy.node_ids = wait_for_nodes(
-        grid, expected=expected_nodes, timeout=cfg.server.registration_timeout,
+        grid,
+        expected=expected_nodes,
+        timeout=cfg.server.registration_timeout,
         minimum=cfg.server.min_clients,
     )
     strategy.summary()
@@ -224,10 +248,18 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
             weights = {k: v.numpy().copy() for k, v in new_arrays.items()}
         s = strategy.last
         record: dict[str, Any] = {
-            "round": rnd, "sampled": s.invited, "returned": s.returned, "failed": s.failed,
-            "dropped": s.dropped, "refused": s.refused, "applied": s.applied,
-            "ndcg@100": None, "recall@20": None, "client_ndcg@100": None,
-            "bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
+            "round": rnd,
+            "sampled": s.invited,
+            "returned": s.returned,
+            "failed": s.failed,
+            "dropped": s.dropped,
+            "refused": s.refused,
+            "applied": s.applied,
+            "ndcg@100": None,
+            "recall@20": None,
+            "client_ndcg@100": None,
+            "bytes_up": s.bytes_up,
+            "bytes_down": s.bytes_down,
         }
         for key, total in s.client_seconds.items():
             record[key.replace("-", "_")] = round(total / max(s.returned, 1), 6)
@@ -247,8 +279,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
         record["seconds"] = round(time.perf_counter() - start, 4)
         logger.info(
             "round %d: sampled %d, returned %d, failed %d, dropped %d%s; NDCG@100 %s",
-            rnd, s.invited, s.returned, s.failed, s.dropped,
-            f" ({'; '.join(s.reasons[:3])})" if s.reasons else "", record["ndcg@100"],
+            rnd,
+            s.invited,
+            s.returned,
+            s.failed,
+            s.dropped,
+            f" ({'; '.join(s.reasons[:3])})" if s.reasons else "",
+            record["ndcg@100"],
         )
         state.rounds.append(record)
         state.round = rnd
@@ -266,10 +303,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
             item_ids=data.item_ids,
             item_titles=data.item_titles,
             dataset=data.dataset,
-            metadata={"trainer": "federated", "rounds": cfg.rounds, "seed": cfg.seed,
-                      "test": final["test"]},
+            metadata={
+                "trainer": "federated",
+                "rounds": cfg.rounds,
+                "seed": cfg.seed,
+                "test": final["test"],
+            },
         ),
     )
     out.write_rounds(state.rounds, final)
     out.event(event="done", final=final)
-

@@ -72,8 +72,12 @@ class ServerOpt:
             weights[name] += self.lr * m / (np.sqrt(v) + self.tau)
 
     def state_dict(self) -> dict[str, object]:
-        """Moments and step count, for checkpoints."""
-        return {"steps": self.steps, "m": dict(self.m), "v": dict(self.v)}
+        """Moments and step count, for checkpoints (copies: later steps do not change them)."""
+        return {
+            "steps": self.steps,
+            "m": {k: v.copy() for k, v in self.m.items()},
+            "v": {k: v.copy() for k, v in self.v.items()},
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -81,8 +85,8 @@ class ServerOpt:
         if not isinstance(steps, int):
             raise ValueError("bad optimizer state: steps")
         self.steps = steps
-        self.m = {k: np.asarray(v) for k, v in dict(state["m"]).items()}  # type: ignore[call-overload]
-        self.v = {k: np.asarray(v) for k, v in dict(state["v"]).items()}  # type: ignore[call-overload]
+        self.m = {k: np.array(v) for k, v in dict(state["m"]).items()}  # type: ignore[call-overload]
+        self.v = {k: np.array(v) for k, v in dict(state["v"]).items()}  # type: ignore[call-overload]
 
 
 def make_server_optimizer(cfg: ServerConfig) -> ServerOpt:

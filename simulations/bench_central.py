@@ -10,7 +10,6 @@ between Mult-VAE and EASE::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -79,8 +78,10 @@ def main() -> None:
     vae = np.mean(results["multvae [600,200]"]["ndcg@100"])
     ease = np.mean(results["ease"]["ndcg@100"])
     console.print(f"Mult-VAE - EASE test NDCG@100: {vae - ease:+.4f}")
-    atomic_write_json(args.out / "summary.json", {"dataset": args.dataset, "seeds": args.seeds,
-                                                  "results": results})
+    atomic_write_json(
+        args.out / "summary.json",
+        {"dataset": args.dataset, "seeds": args.seeds, "results": results},
+    )
 
 
 if __name__ == "__main__":

@@ -163,8 +163,9 @@ def _train_neural(
             best_state = copy.deepcopy(model.state_dict())
         if on_epoch is not None:
             on_epoch(
-                epoch, cfg.epochs, {"loss": stats.mean_loss, "ndcg@100": val["ndcg@100"],
-                                    "best": best_ndcg}
+                epoch,
+                cfg.epochs,
+                {"loss": stats.mean_loss, "ndcg@100": val["ndcg@100"], "best": best_ndcg},
             )
         if epoch - best_epoch >= cfg.patience:
             logger.info("early stop at epoch %d (best %d)", epoch, best_epoch)
@@ -177,7 +178,9 @@ def _train_neural(
                 lambda x: score_users(model, x), split.validation_foldin, split.validation_holdout
             )
         ),
-        test=_pick(evaluate(lambda x: score_users(model, x), split.test_foldin, split.test_holdout)),
+        test=_pick(
+            evaluate(lambda x: score_users(model, x), split.test_foldin, split.test_holdout)
+        ),
         best_epoch=best_epoch,
         seconds=seconds,
         history=history,
@@ -254,7 +257,8 @@ def run_central(
         "validation": result.validation,
         "test": result.test,
         "model": cfg.model.value,
-        "dims": list(cfg.dims) if cfg.model in (RecommenderKind.MULTVAE, RecommenderKind.MULTDAE)
+        "dims": list(cfg.dims)
+        if cfg.model in (RecommenderKind.MULTVAE, RecommenderKind.MULTDAE)
         else None,
         "seed": cfg.seed,
         "dataset": {"name": ds.name, "sha256": ds.sha256},

@@ -25,8 +25,8 @@ from typing import Any
 from common.config import to_toml
 from common.errors import FedrecError
 from common.io import atomic_write_json, atomic_write_text
-from common.rundata import prepare_run_data
 from common.runconfig import RunConfig, load_run_config
+from common.rundata import prepare_run_data
 
 __all__ = ["ProgressEvent", "SimulationOutcome", "prepare_run", "simulate"]
 
@@ -45,9 +45,7 @@ class SimulationOutcome:
     wall_seconds: float
 
 
-def prepare_run(
-    cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None
-) -> int:
+def prepare_run(cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None) -> int:
     """Write ``config.toml`` and ``data/`` into ``run_dir``; returns the number of clients."""
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_run_data(cfg, run_dir, cache_dir=cache_dir)
@@ -132,12 +130,19 @@ def simulate(
     log_path = run_dir / "simulation.log"
     start = time.monotonic()
     cmd = [
-        sys.executable, "-m", "simulations.worker", str(run_dir), str(n_clients),
+        sys.executable,
+        "-m",
+        "simulations.worker",
+        str(run_dir),
+        str(n_clients),
         str(cfg.simulation.num_cpus_per_client),
     ]
     with _interrupts_raise(), log_path.open("ab") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         try:
@@ -161,9 +166,7 @@ def simulate(
     wall = time.monotonic() - start
     if proc.returncode != 0 or not done:
         tail = _last_error_line(log_path)
-        raise FedrecError(
-            f"simulation failed (exit {proc.returncode}): {tail} — see {log_path}"
-        )
+        raise FedrecError(f"simulation failed (exit {proc.returncode}): {tail} — see {log_path}")
     return SimulationOutcome(run_dir=run_dir, returncode=proc.returncode, wall_seconds=wall)
 
 

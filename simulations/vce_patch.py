@@ -78,8 +78,11 @@ def _register_node_info_stores(
         store.run_infos[run.run_id] = RunInfo(
             initial_run_config=cfg,
             context=Context(
-                run_id=run.run_id, node_id=node_id, node_config=store.node_config,
-                state=RecordDict(), run_config=cfg.copy(),
+                run_id=run.run_id,
+                node_id=node_id,
+                node_config=store.node_config,
+                state=RecordDict(),
+                run_config=cfg.copy(),
             ),
         )
         stores[node_id] = store
@@ -91,8 +94,7 @@ def apply() -> bool:
     from flwr.server.superlink.fleet.vce import vce_api
 
     if flwr.__version__ != PATCHED_FLWR_VERSION or not (
-        hasattr(vce_api, "add_messages_to_queue")
-        and hasattr(vce_api, "_register_node_info_stores")
+        hasattr(vce_api, "add_messages_to_queue") and hasattr(vce_api, "_register_node_info_stores")
     ):
         logger.warning("Flower %s: large-population speed-ups not applied", flwr.__version__)
         return False

@@ -38,7 +38,10 @@ def run(run_dir: Path, num_nodes: int, cpus_per_client: float) -> None:
 
     from simulations import vce_patch
 
-    overrides = {"run-dir": str(run_dir.resolve()), "expected-nodes": num_nodes}
+    overrides: dict[str, bool | float | int | str] = {
+        "run-dir": str(run_dir.resolve()),
+        "expected-nodes": num_nodes,
+    }
     components = get_project_config(APP_DIR)["tool"]["flwr"]["app"]["components"]
     run_config = get_fused_config_from_dir(APP_DIR, overrides)
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
@@ -50,7 +53,10 @@ def run(run_dir: Path, num_nodes: int, cpus_per_client: float) -> None:
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     server_context = Context(
-        run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+        run_id=run_id,
+        node_id=SUPERLINK_NODE_ID,
+        node_config={},
+        state=RecordDict(),
         run_config=run_config,
     )
     vce_patch.apply()

@@ -1,0 +1,187 @@
+"""`fedrec simulate` end to end through Flower's real simulation engine (Ray backend).
+
+Tiny synthetic populations keep each run to about 20-30 s on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.data import synthesize
+from common.model import ModelConfig, build_model
+
+pytestmark = pytest.mark.slow
+
+FEDREC = [sys.executable, "-m", "common.cli"]
+
+
+@pytest.fixture(scope="module")
+def synth_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthesize(60, 40, seed=3, out_dir=tmp_path_factory.mktemp("synth"))
+
+
+def _config(path: Path, data: Path, **extra: str) -> Path:
+    lines = [
+        'name = "tiny <test>"',
+        "rounds = 2",
+        "eval_every = 1",
+        "reference = false",
+        "[data]",
+        f'dataset = "{data}"',
+        "n_heldout_users = 8",
+        "[model]",
+        "dims = [16, 8]",
+        "[server]",
+        "sample_rate = 0.5",
+        "lr = 0.01",
+        "round_timeout = 120",
+    ]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return path
+
+
+def _leftovers(run_dir: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(run_dir) in line and "ps -eo" not in line]
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "results.json").read_text())["rounds"]
+
+
+def test_tiny_federation_trains_and_survives_a_failing_client(
+    tmp_path: Path, synth_csv: Path
+) -> None:
+    cfg = _config(tmp_path / "tiny.toml", synth_csv)
+    run_dir = tmp_path / "run"
+    sets = ["--set", "server.sample_rate=1.0", "--set", "simulation.fail_clients=[0]"]
+    proc = subprocess.run(
+        [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir), *sets],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rounds = _rounds(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        # q = 1: every client is invited; client 0 always fails, the round goes on without it
+        assert r["failed"] == 1
+        assert r["returned"] == r["sampled"] - 1 > 0
+        assert r["applied"] is True
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+        assert r["ndcg@100"] is not None and 0 < r["ndcg@100"] <= 1
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["final"]["test"]) >= {"ndcg@100", "recall@20", "recall@50"}
+    # the global model moved away from its (seeded) initialization
+    ckpt = load_checkpoint(run_dir / "model.pt")
+    init = build_model(
+        ModelConfig.from_dict(ckpt.model_config), generator=torch.Generator().manual_seed(0)
+    ).state_dict()
+    moved = [not torch.allclose(init[k], ckpt.state_dict[k]) for k in init]
+    assert all(moved)
+    for name in ("config.toml", "rounds.csv", "metrics.png", "report.html"):
+        assert (run_dir / name).is_file(), name
+    assert "tiny &lt;test&gt;" in (run_dir / "report.html").read_text()
+    assert _leftovers(run_dir) == []
+
+
+def test_killed_run_resumes_without_gap_or_duplicate(tmp_path: Path, synth_csv: Path) -> None:
+    cfg = _config(tmp_path / "tiny.toml", synth_csv)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            *FEDREC,
+            "simulate",
+            "--config",
+            str(cfg),
+            "--out",
+            str(run_dir),
+            "--set",
+            "rounds=12",
+            "--set",
+            "eval_every=4",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    progress = run_dir / "progress.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        lines = progress.read_text().splitlines() if progress.exists() else []
+        if any(json.loads(line).get("round", 0) >= 2 for line in lines):
+            break
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert _leftovers(run_dir) == []
+    done_before = len(_rounds(run_dir))
+    assert 2 <= done_before < 12
+
+    resumed = subprocess.run(
+        [*FEDREC, "simulate", "--resume", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["round"] for r in _rounds(run_dir)] == list(range(1, 13))
+    starts = [json.loads(x) for x in progress.read_text().splitlines()]
+    starts = [e for e in starts if e["event"] == "start"]
+    assert starts[-1]["resumed_after"] == done_before
+    assert _leftovers(run_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("roundz=3", "unknown config key 'roundz'"),
+        ("server.optimizer=sgd", "server.optimizer: 'sgd' is not one of"),
+        ("server.sample_rate=2", "sample_rate must be in (0, 1]"),
+    ],
+)
+def test_bad_override_is_one_line_error_before_anything_starts(
+    tmp_path: Path, synth_csv: Path, override: str, needle: str
+) -> None:
+    cfg = _config(tmp_path / "tiny.toml", synth_csv)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir), "--set", override],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not run_dir.exists()
+
+
+def test_partition_rows_cover_training_users(tmp_path: Path, synth_csv: Path) -> None:
+    from common.runconfig import load_run_config
+    from common.rundata import load_client_shard, n_clients_of, prepare_run_data
+
+    cfg = load_run_config(
+        _config(tmp_path / "c.toml", synth_csv), ["data.partition=silos", "data.n_silos=4"]
+    )
+    prepared = prepare_run_data(cfg, tmp_path)
+    assert n_clients_of(tmp_path) == prepared.n_clients == 4
+    sizes = [load_client_shard(tmp_path, c).n_users for c in range(4)]
+    assert sum(sizes) == prepared.n_train_users
+    assert max(sizes) - min(sizes) <= 1
+    assert np.all(np.asarray(sizes) > 0)
