@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from common.config import to_toml
 from common.data import Dataset, Split, load_dataset, split_strong_generalization
-from common.io import atomic_write_bytes, atomic_write_json
+from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.partition import ClientPartition, partition_users
 from common.runconfig import Partition, RunConfig
 
@@ -36,6 +37,7 @@ __all__ = [
     "load_eval_data",
     "n_clients_of",
     "prepare_run_data",
+    "write_run_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -212,3 +214,14 @@ def load_eval_data(run_dir: Path) -> EvalData:
         dataset=dict(meta["dataset"]),
         **parts,
     )
+
+
+def write_run_folder(
+    cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None
+) -> PreparedRun:
+    """Write ``RUN_DIR/data/*`` and the resolved ``RUN_DIR/config.toml`` (written last)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_run_data(cfg, run_dir, cache_dir=cache_dir)
+    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+    return prepared

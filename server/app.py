@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.runconfig import load_run_config
-from common.rundata import n_clients_of
+from common.rundata import n_clients_of, write_run_folder
 from server.federation import run_federation
 
 __all__ = ["app"]
@@ -27,10 +27,19 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run folder in ``context.run_config``."""
     run_dir = Path(str(context.run_config["run-dir"]))
-    if not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(
-            f"{run_dir}/config.toml is missing: prepare the run with `fedrec simulate` first"
+    if not run_dir.is_absolute():
+        raise ValueError(
+            f"run-dir must be an absolute path (server and clients run in other folders), "
+            f"got {str(run_dir)!r}"
         )
+    if not (run_dir / "config.toml").is_file():
+        # Driven by `flwr run .` rather than `fedrec simulate`: prepare the run folder here,
+        # before any client is contacted (clients read their rows from it).
+        config_path = Path(str(context.run_config["config"]))
+        if not config_path.is_absolute():
+            config_path = Path(__file__).resolve().parents[1] / config_path
+        logger.info("preparing %s from %s", run_dir, config_path)
+        write_run_folder(load_run_config(config_path), run_dir)
     cfg = load_run_config(run_dir / "config.toml")
     expected = int(context.run_config.get("expected-nodes", 0)) or n_clients_of(run_dir)
     run_federation(grid, cfg, run_dir, expected_nodes=expected)

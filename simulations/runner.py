@@ -22,11 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common.config import to_toml
 from common.errors import FedrecError
-from common.io import atomic_write_json, atomic_write_text
+from common.io import atomic_write_json
 from common.runconfig import RunConfig, load_run_config
-from common.rundata import prepare_run_data
+from common.rundata import write_run_folder
 
 __all__ = ["ProgressEvent", "SimulationOutcome", "prepare_run", "simulate"]
 
@@ -47,10 +46,7 @@ class SimulationOutcome:
 
 def prepare_run(cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None) -> int:
     """Write ``config.toml`` and ``data/`` into ``run_dir``; returns the number of clients."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_run_data(cfg, run_dir, cache_dir=cache_dir)
-    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    return prepared.n_clients
+    return write_run_folder(cfg, run_dir, cache_dir=cache_dir).n_clients
 
 
 def resume_config(run_dir: Path) -> RunConfig:
