@@ -139,6 +139,9 @@ class ServerConfig:
     """How the averaged update is applied."""
     lr: float = 1e-3
     """Server learning rate (eta)."""
+    lr_final_fraction: float = 1.0
+    """Cosine decay of the server learning rate to this fraction of ``lr`` by the last round
+    (1.0 keeps it constant)."""
     beta1: float = 0.9
     """FedAdam first-moment decay."""
     beta2: float = 0.999
@@ -160,6 +163,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
+        if not 0 < self.lr_final_fraction <= 1:
+            raise ValueError(f"lr_final_fraction must be in (0, 1], got {self.lr_final_fraction}")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.clients_per_round < 1:

@@ -31,7 +31,7 @@ from common.model import ModelConfig, ModelKind, anneal_beta, build_model
 from common.runconfig import RunConfig
 from common.rundata import EvalData, load_eval_data
 from common.training import score_users
-from server.optimizer import make_server_optimizer
+from server.optimizer import cosine_lr_scale, make_server_optimizer
 from server.strategy import FedRecStrategy
 
 __all__ = ["ROUND_FIELDS", "ServerState", "run_federation", "wait_for_nodes"]
@@ -237,6 +237,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
     for rnd in range(state.round + 1, cfg.rounds + 1):
         start = time.perf_counter()
         beta = anneal_beta(rnd, cap=cfg.model.beta_cap, total_steps=cfg.model.anneal_steps)
+        strategy.lr_scale = cosine_lr_scale(
+            rnd, rounds=cfg.rounds, final_fraction=cfg.server.lr_final_fraction
+        )
         arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in weights.items()})
         config = ConfigRecord({"server-round": rnd, "beta": beta})
         replies = grid.send_and_receive(

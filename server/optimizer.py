@@ -13,7 +13,7 @@ import numpy as np
 
 from common.runconfig import ServerConfig, ServerOptimizer
 
-__all__ = ["ServerOpt", "make_server_optimizer"]
+__all__ = ["ServerOpt", "cosine_lr_scale", "make_server_optimizer"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -54,14 +54,20 @@ class ServerOpt:
         self.v: Arrays = {}
         self.steps = 0
 
-    def step_inplace(self, weights: Arrays, delta: Arrays) -> None:
-        """Move ``weights`` (changed in place) along the averaged client update ``delta``."""
+    def step_inplace(self, weights: Arrays, delta: Arrays, *, lr_scale: float = 1.0) -> None:
+        """Move ``weights`` (changed in place) along the averaged client update ``delta``.
+
+        ``lr_scale`` multiplies the learning rate for this step (a schedule's factor).
+        """
         if set(weights) != set(delta):
             raise ValueError("delta must have the same arrays as the weights")
+        if not (math.isfinite(lr_scale) and lr_scale > 0):
+            raise ValueError(f"lr_scale must be a finite number > 0, got {lr_scale}")
         self.steps += 1
+        lr = self.lr * lr_scale
         for name, d in delta.items():
             if self.kind is ServerOptimizer.FEDAVG:
-                weights[name] += self.lr * d
+                weights[name] += lr * d
                 continue
             m = self.m.setdefault(name, np.zeros_like(d))
             v = self.v.setdefault(name, np.zeros_like(d))
@@ -69,7 +75,7 @@ class ServerOpt:
             m += (1.0 - self.beta1) * d
             v *= self.beta2
             v += (1.0 - self.beta2) * d * d
-            weights[name] += self.lr * m / (np.sqrt(v) + self.tau)
+            weights[name] += lr * m / (np.sqrt(v) + self.tau)
 
     def state_dict(self) -> dict[str, object]:
         """Moments and step count, for checkpoints (copies: later steps do not change them)."""
@@ -87,6 +93,14 @@ class ServerOpt:
         self.steps = steps
         self.m = {k: np.array(v) for k, v in dict(state["m"]).items()}  # type: ignore[call-overload]
         self.v = {k: np.array(v) for k, v in dict(state["v"]).items()}  # type: ignore[call-overload]
+
+
+def cosine_lr_scale(server_round: int, *, rounds: int, final_fraction: float) -> float:
+    """Cosine decay from 1 at round 1 to ``final_fraction`` at round ``rounds``."""
+    if rounds <= 1:
+        return 1.0
+    progress = min(max((server_round - 1) / (rounds - 1), 0.0), 1.0)
+    return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def make_server_optimizer(cfg: ServerConfig) -> ServerOpt:

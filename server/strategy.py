@@ -134,6 +134,8 @@ class FedRecStrategy(Strategy):
         self.seed = seed
         self.node_ids: list[int] = []
         self.last = RoundStats()
+        self.lr_scale = 1.0
+        """Factor of the server learning rate for the current round (set by the round loop)."""
         self._global: dict[str, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------- training
@@ -207,7 +209,7 @@ class FedRecStrategy(Strategy):
             )
             return None, None
         delta = {k: (v / weight).astype(np.float32) for k, v in total.items()}
-        self.optimizer.step_inplace(self._global, delta)
+        self.optimizer.step_inplace(self._global, delta, lr_scale=self.lr_scale)
         stats.applied = True
         return _from_numpy(self._global), MetricRecord({"returned": stats.returned})
 

@@ -42,3 +42,13 @@ def test_state_round_trip_continues_identically() -> None:
 def test_bad_lr_is_rejected(lr: float) -> None:
     with pytest.raises(ValueError, match="lr"):
         ServerOpt(kind=ServerOptimizer.FEDAVG, lr=lr)
+
+
+def test_cosine_schedule_ends_at_final_fraction() -> None:
+    from server.optimizer import cosine_lr_scale
+
+    assert cosine_lr_scale(1, rounds=11, final_fraction=0.1) == pytest.approx(1.0)
+    # halfway: 0.1 + 0.9 * 0.5 * (1 + cos(pi/2)) = 0.55
+    assert cosine_lr_scale(6, rounds=11, final_fraction=0.1) == pytest.approx(0.55)
+    assert cosine_lr_scale(11, rounds=11, final_fraction=0.1) == pytest.approx(0.1)
+    assert cosine_lr_scale(5, rounds=11, final_fraction=1.0) == pytest.approx(1.0)
