@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.dp_mod import make_client_dp_mod
 from client.local import LocalData, compute_update, local_metrics, split_local
 from common.model import ModelConfig, ModelKind
 from common.runconfig import RunConfig, load_run_config
@@ -63,7 +64,14 @@ def _context(context: Context) -> tuple[RunConfig, int, LocalData]:
     return cfg, client_id, data
 
 
-@app.train()
+def _budget(context: Context) -> float | None:
+    """This client's own epsilon budget: node config ``budget`` (a device), else the run's."""
+    if "budget" in context.node_config:
+        return float(context.node_config["budget"])
+    return _run_config(str(context.run_config["run-dir"])).privacy.client_budget
+
+
+@app.train(mods=[make_client_dp_mod(_budget)])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's rows; reply with the weighted delta."""
     t0 = time.perf_counter()

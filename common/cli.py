@@ -206,6 +206,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         with console.status("preparing data and clients"):
             n_clients = prepare_run(cfg, run_dir, cache_dir=args.cache_dir)
     console.print(f"{cfg.name}: {n_clients} clients, {cfg.rounds} rounds -> {run_dir}")
+    from server.dp import plan_privacy
+
+    with console.status("planning the privacy budget"):
+        try:
+            plan = plan_privacy(cfg, n_clients)
+        except ValueError as err:
+            raise FedrecError(f"privacy: {err}") from None
+    if plan is not None:
+        console.print(
+            f"client-level DP: clip {plan.clip}, noise multiplier {plan.noise_multiplier:.4g}, "
+            f"q {plan.sample_rate}, delta {plan.delta:.3g}"
+            + (f", target epsilon {plan.target_epsilon}" if plan.target_epsilon else "")
+        )
+    else:
+        console.print("[yellow]privacy.mode = 'off': updates carry no differential privacy")
     columns = (
         TextColumn("[bold]round {task.completed}/{task.total}"),
         BarColumn(),
@@ -233,6 +248,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                     f"sampled {event['sampled']} returned {event['returned']} "
                     f"failed {event['failed'] + event['dropped']}  NDCG@100 {last_ndcg}"
                 )
+                if event.get("epsilon") is not None:
+                    info += f"  ε {event['epsilon']:.3g}"
                 progress.update(task, completed=event["round"], info=info)
 
         outcome = simulate(run_dir, n_clients, cfg, on_event=on_event)
@@ -255,8 +272,46 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             reference["label"], *(f"{ref[k]:.4f}" for k in ("ndcg@100", "recall@20", "recall@50"))
         )
     out.print(table)
+    privacy = results["final"].get("privacy")
+    if privacy:
+        out.print(
+            f"privacy: epsilon {privacy['epsilon']:.4g} (PRV; RDP {privacy['epsilon_rdp']:.4g}) "
+            f"at delta {privacy['delta']:.3g}; ledger: {run_dir / 'ledger.jsonl'}"
+        )
     out.print(f"wall time {outcome.wall_seconds:.1f} s; report: {report}")
     return 0
+
+
+# -------------------------------------------------------------------------------------- audit
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from common.audit import AuditStatus, render, verify_ledger
+
+    path = Path(args.run_dir)
+    ledger = path / "ledger.jsonl" if path.is_dir() else path
+    if not ledger.is_file():
+        raise FedrecError(f"{ledger}: no ledger (was the run made with privacy on?)")
+    report = verify_ledger(ledger, budget=args.budget)
+    if args.json:
+        out.print_json(json.dumps(report.to_json()))
+    else:
+        out.print(render(report), markup=False, highlight=False)
+    if report.status is AuditStatus.VERIFIED:
+        return 0
+    if report.status is AuditStatus.UNFINISHED:
+        console.print(
+            f"fedrec: unfinished: {report.reason}", markup=False, highlight=False, soft_wrap=True
+        )
+        return 3
+    console.print(
+        f"fedrec: audit failed: {report.reason}",
+        style="red",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 1
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -341,6 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a dotted config key, e.g. --set rounds=20 --set server.optimizer=fedadam",
     )
     p.set_defaults(handler=_cmd_simulate)
+
+    audit = sub.add_parser("audit", help="verify a run's privacy ledger (for auditors)")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    p = asub.add_parser(
+        "verify",
+        help="check the ledger's hash chain and recompute epsilon (exit 0 verified, 1 failed, "
+        "3 unfinished)",
+    )
+    p.add_argument("run_dir", help="run folder or ledger.jsonl")
+    p.add_argument("--budget", type=float, default=None, help="epsilon the run must not exceed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_audit_verify)
 
     p = sub.add_parser("recommend", help="recommend for one history, on this device")
     p.add_argument("--model", required=True, help="path to model.pt")

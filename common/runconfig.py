@@ -20,6 +20,8 @@ __all__ = [
     "DataConfig",
     "ModelSection",
     "Partition",
+    "PrivacyConfig",
+    "PrivacyMode",
     "RunConfig",
     "Sampling",
     "ServerConfig",
@@ -56,6 +58,17 @@ class ServerOptimizer(enum.StrEnum):
     """w <- w + lr * mean(delta) (McMahan et al. 2017 with a server learning rate)."""
     FEDADAM = "fedadam"
     """Adam on the pseudo-gradient -mean(delta) (Reddi et al. 2021, Alg. 2)."""
+
+
+class PrivacyMode(enum.StrEnum):
+    """Which differential privacy a run gives."""
+
+    OFF = "off"
+    """No DP: updates carry no noise (warned about once)."""
+    CLIENT = "client"
+    """User-level DP-FedAvg: each client clips its update and adds its share of Gaussian noise."""
+    EXAMPLE = "example"
+    """DP-SGD (Opacus) inside each silo: user-level DP from each silo's update."""
 
 
 def _positive(name: str, value: float) -> None:
@@ -179,6 +192,48 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy of the run (DESIGN.md, "One training round")."""
+
+    mode: PrivacyMode = PrivacyMode.OFF
+    """``off``, ``client`` (DP-FedAvg) or ``example`` (DP-SGD in each silo)."""
+    clip: float = 1.0
+    """C: L2 bound of a client's update (client mode) or of a user's gradient (example mode)."""
+    noise_multiplier: float | None = None
+    """z: noise std / C. Give this or ``target_epsilon``."""
+    target_epsilon: float | None = None
+    """Epsilon to reach after all rounds; fedrec picks the smallest z that stays below it."""
+    delta: float | None = None
+    """Delta of the guarantee; default 1 / N^1.1 for a population of N."""
+    accountant: str = "prv"
+    """Reported accountant (``prv`` or ``rdp``); the other is kept beside it as a check."""
+    client_budget: float | None = None
+    """Each client refuses to train once its own epsilon would exceed this."""
+
+    def __post_init__(self) -> None:
+        if self.mode is PrivacyMode.OFF:
+            return
+        _positive("privacy.clip", self.clip)
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "give exactly one of noise_multiplier and target_epsilon "
+                f"(mode = {self.mode.value!r})"
+            )
+        if self.noise_multiplier is not None and not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
+        ):
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.target_epsilon is not None:
+            _positive("privacy.target_epsilon", self.target_epsilon)
+        if self.delta is not None and not (math.isfinite(self.delta) and 0 < self.delta < 1):
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.client_budget is not None:
+            _positive("privacy.client_budget", self.client_budget)
+        if self.accountant not in ("prv", "rdp"):
+            raise ValueError(f"accountant must be 'prv' or 'rdp', got {self.accountant!r}")
+
+
+@dataclass(frozen=True)
 class SimulationSection:
     """Flower simulation engine resources."""
 
@@ -210,6 +265,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:
@@ -219,6 +275,11 @@ class RunConfig:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.privacy.mode is PrivacyMode.CLIENT and self.server.sampling is not Sampling.POISSON:
+            raise ValueError(
+                "privacy.mode = 'client' needs server.sampling = 'poisson': the accounting relies "
+                "on amplification by Poisson sampling"
+            )
 
 
 def load_run_config(path: Path | None, sets: list[str] | None = None) -> RunConfig:

@@ -26,11 +26,14 @@ from flwr.serverapp import Grid
 from common.checkpoint import Checkpoint, save_checkpoint
 from common.config import to_dict
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.ledger import LedgerWriter, read_ledger
 from common.metrics import evaluate
 from common.model import ModelConfig, ModelKind, anneal_beta, build_model
+from common.privacy import MechanismStep
 from common.runconfig import RunConfig
-from common.rundata import EvalData, load_eval_data
+from common.rundata import EvalData, load_eval_data, n_clients_of
 from common.training import score_users
+from server.dp import ClientDPStrategy, DPPlan, plan_privacy
 from server.optimizer import cosine_lr_scale, make_server_optimizer
 from server.strategy import FedRecStrategy
 
@@ -132,6 +135,42 @@ def wait_for_nodes(grid: Grid, *, expected: int, timeout: float, minimum: int) -
     return nodes
 
 
+def open_ledger(run_dir: Path, cfg: RunConfig, plan: DPPlan, state: ServerState) -> LedgerWriter:
+    """Create ``RUN_DIR/ledger.jsonl``, or continue it when resuming.
+
+    The server state is saved before the ledger line of a round, so after a crash between the
+    two the ledger can lag one round behind the state: that line is written again from the
+    state's record of the round.
+    """
+    path = run_dir / "ledger.jsonl"
+    if not path.exists():
+        if state.round > 0:
+            raise RuntimeError(f"{path} is missing but the run is at round {state.round}")
+        return LedgerWriter.create(
+            path,
+            {
+                "run_id": run_dir.name,
+                "code_version": _code_version(),
+                "config": to_dict(cfg),
+                "population": plan.population,
+                "delta": plan.delta,
+                "accountant": "prv",
+                "mode": "client",
+            },
+        )
+    writer = LedgerWriter.open_existing(path)
+    rounds_in_ledger = sum(1 for r in read_ledger(path) if r.get("type") == "round")
+    for record in state.rounds[rounds_in_ledger:]:
+        writer.append_round(record["ledger"])
+    return writer
+
+
+def _code_version() -> str:
+    from importlib.metadata import version
+
+    return f"fedrec {version('fedrec')}"
+
+
 def model_config_of(cfg: RunConfig, n_items: int) -> ModelConfig:
     """The network that ``cfg`` describes for a catalogue of ``n_items``."""
     m = cfg.model
@@ -224,20 +263,33 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
     out.event(
         event="start", rounds=cfg.rounds, resumed_after=state.round, expected_nodes=expected_nodes
     )
-    strategy = FedRecStrategy(cfg.server, optimizer, seed=cfg.seed)
-    strategy.node_ids = wait_for_nodes(
+    plain = FedRecStrategy(cfg.server, optimizer, seed=cfg.seed)
+    strategy: FedRecStrategy | ClientDPStrategy = plain
+    population = n_clients_of(run_dir)
+    plan = plan_privacy(cfg, population)
+    if plan is not None:
+        ledger = open_ledger(run_dir, cfg, plan, state)
+        history = [
+            MechanismStep(r["effective_noise_multiplier"], plan.sample_rate)
+            for r in state.rounds
+            if r.get("returned", 0) > 0
+        ]
+        strategy = ClientDPStrategy(plain, plan, ledger, history=history)
+    else:
+        logger.warning("privacy.mode = 'off': updates carry no differential privacy")
+    plain.node_ids = wait_for_nodes(
         grid,
         expected=expected_nodes,
         timeout=cfg.server.registration_timeout,
         minimum=cfg.server.min_clients,
     )
     strategy.summary()
-    out.event(event="nodes", registered=len(strategy.node_ids))
+    out.event(event="nodes", registered=len(plain.node_ids))
     weights = state.weights
     for rnd in range(state.round + 1, cfg.rounds + 1):
         start = time.perf_counter()
         beta = anneal_beta(rnd, cap=cfg.model.beta_cap, total_steps=cfg.model.anneal_steps)
-        strategy.lr_scale = cosine_lr_scale(
+        plain.lr_scale = cosine_lr_scale(
             rnd, rounds=cfg.rounds, final_fraction=cfg.server.lr_final_fraction
         )
         arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in weights.items()})
@@ -249,7 +301,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             weights = {k: v.numpy().copy() for k, v in new_arrays.items()}
-        s = strategy.last
+        s = plain.last
         record: dict[str, Any] = {
             "round": rnd,
             "sampled": s.invited,
@@ -264,6 +316,12 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
             "bytes_up": s.bytes_up,
             "bytes_down": s.bytes_down,
         }
+        if isinstance(strategy, ClientDPStrategy):
+            record["epsilon"] = strategy.epsilon
+            record["epsilon_rdp"] = strategy.epsilon_rdp
+            record["participated"] = s.returned
+            record["effective_noise_multiplier"] = strategy.pending["effective_noise_multiplier"]
+            record["ledger"] = strategy.pending
         for key, total in s.client_seconds.items():
             record[key.replace("-", "_")] = round(total / max(s.returned, 1), 6)
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
@@ -295,9 +353,22 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
         state.weights = weights
         state.optimizer = optimizer.state_dict()
         state.save(state_path)
+        if isinstance(strategy, ClientDPStrategy):
+            strategy.commit_round()
         out.write_rounds(state.rounds, None)
         out.event(event="round", **record)
-    final = {"test": _test_metrics(model_cfg, weights, data)}
+    final: dict[str, Any] = {"test": _test_metrics(model_cfg, weights, data)}
+    if isinstance(strategy, ClientDPStrategy):
+        strategy.close()
+        final["privacy"] = {
+            "epsilon": strategy.epsilon,
+            "epsilon_rdp": strategy.epsilon_rdp,
+            "delta": strategy.plan.delta,
+            "noise_multiplier": strategy.plan.noise_multiplier,
+            "clip": strategy.plan.clip,
+            "sample_rate": strategy.plan.sample_rate,
+            "accountant": "prv",
+        }
     save_checkpoint(
         run_dir / "model.pt",
         Checkpoint(

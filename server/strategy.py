@@ -134,6 +134,8 @@ class FedRecStrategy(Strategy):
         self.seed = seed
         self.node_ids: list[int] = []
         self.last = RoundStats()
+        self.fixed_denominator = False
+        """With DP, clients pre-scale by 1/m: the server then sums without dividing."""
         self.lr_scale = 1.0
         """Factor of the server learning rate for the current round (set by the round loop)."""
         self._global: dict[str, np.ndarray] = {}
@@ -199,7 +201,8 @@ class FedRecStrategy(Strategy):
                 for k, v in update.items():
                     total[k] += v
         stats.client_seconds = seconds
-        if total is None or stats.returned < self.server.min_clients or weight <= 0:
+        denominator = 1.0 if self.fixed_denominator else weight
+        if total is None or stats.returned < self.server.min_clients or denominator <= 0:
             logger.warning(
                 "round %d: %d of %d invited returned (minimum %d); nothing applied",
                 server_round,
@@ -208,7 +211,7 @@ class FedRecStrategy(Strategy):
                 self.server.min_clients,
             )
             return None, None
-        delta = {k: (v / weight).astype(np.float32) for k, v in total.items()}
+        delta = {k: (v / denominator).astype(np.float32) for k, v in total.items()}
         self.optimizer.step_inplace(self._global, delta, lr_scale=self.lr_scale)
         stats.applied = True
         return _from_numpy(self._global), MetricRecord({"returned": stats.returned})

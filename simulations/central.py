@@ -66,10 +66,13 @@ class CentralConfig:
     """Adam L2 penalty (Mult-DAE uses it in place of the KL term)."""
     dropout: float = 0.5
     """Dropout on the normalized input."""
-    anneal_steps: int = 20000
-    """Updates over which beta grows linearly to ``beta_cap``."""
-    beta_cap: float = 0.2
-    """KL weight cap (Liang et al. 2018, Sec. 2.2.2)."""
+    anneal_steps: int = 2000
+    """KL annealing: ``beta = min(beta_cap, step / anneal_steps)``, so the cap is reached after
+    ``beta_cap * anneal_steps`` updates (600, about 75 epochs of ML-100K at batch 100; chosen by
+    validation NDCG@100 on ML-100K)."""
+    beta_cap: float = 0.3
+    """KL weight cap (Liang et al. 2018, Sec. 2.2.2, use 0.2; 0.3 chosen by validation on
+    ML-100K)."""
     ease_lambda: float = 500.0
     """L2 regularization of EASE (Steck 2019)."""
     seed: int = 0

@@ -59,7 +59,8 @@ def run(run_dir: Path, num_nodes: int, cpus_per_client: float) -> None:
         state=RecordDict(),
         run_config=run_config,
     )
-    vce_patch.apply()
+    if num_nodes >= vce_patch.MIN_NODES:
+        vce_patch.apply()
     _run_simulation(
         num_supernodes=num_nodes,
         exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,

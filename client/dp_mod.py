@@ -1,0 +1,129 @@
+"""Client-side DP as a Flower mod: clip, add this client's share of noise, pre-scale, refuse.
+
+The mod wraps the plain training call (:mod:`client.app`) and changes only its reply: the
+example-weighted delta becomes ``(clip_C(delta) + N(0, (zC)^2 / m)) / m`` (DESIGN.md, round
+step 3; McMahan et al. 2018, Alg. 1 with the noise spread over the m expected participants).
+Before training it asks the client's own accountant whether one more round keeps the client
+within its budget; if not, it answers with a refusal that the server counts, not an error.
+
+The noise comes from the operating system's entropy, never from the run's seed: the server
+knows the seed, and predictable noise protects nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp.typing import ClientAppCallable
+
+from common.privacy import (
+    AccountantKind,
+    MechanismStep,
+    add_gaussian_noise_inplace,
+    clip_inplace,
+    compute_epsilon,
+)
+
+__all__ = ["BudgetLookup", "client_epsilon_after", "make_client_dp_mod"]
+
+logger = logging.getLogger(__name__)
+
+BudgetLookup = Callable[[Context], float | None]
+"""Where the mod finds this client's own epsilon budget (node config, run config...)."""
+
+_STATE_KEY = "fedrec-dp"
+
+
+def client_epsilon_after(
+    *, server_round: int, noise_multiplier: float, sample_rate: float, delta: float
+) -> float:
+    """The client's epsilon once round ``server_round`` has run (RDP, an upper bound of PRV).
+
+    Every round counts, sampled or not: the guarantee of Poisson subsampling composes over all
+    rounds at rate q (the client cannot see rounds it was not invited to, so it counts them
+    from the round number).
+    """
+    return compute_epsilon(
+        [MechanismStep(noise_multiplier, sample_rate, server_round)],
+        delta=delta,
+        accountant=AccountantKind.RDP,
+    )
+
+
+def _refusal(msg: Message, reason: str, epsilon: float) -> Message:
+    metrics = MetricRecord({"refused": 1, "weight": 0.0, "epsilon-if-trained": epsilon})
+    logger.info("refusing round: %s", reason)
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def make_client_dp_mod(
+    budget_of: BudgetLookup,
+) -> Callable[[Message, Context, ClientAppCallable], Message]:
+    """A mod that privatizes this client's training replies (see module docstring)."""
+
+    def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        config = msg.content.config_records.get("config", ConfigRecord())
+        if "dp-clip" not in config:
+            return call_next(msg, context)
+        clip = float(config["dp-clip"])  # type: ignore[arg-type]
+        noise_std = float(config["dp-noise-std"])  # type: ignore[arg-type]
+        denominator = float(config["dp-denominator"])  # type: ignore[arg-type]
+        z = float(config["dp-noise-multiplier"])  # type: ignore[arg-type]
+        q = float(config["dp-sample-rate"])  # type: ignore[arg-type]
+        delta = float(config["dp-delta"])  # type: ignore[arg-type]
+        server_round = int(config["server-round"])  # type: ignore[arg-type]
+        for name, value in (("clip", clip), ("denominator", denominator)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"server sent an invalid {name}: {value}")
+        budget = budget_of(context)
+        epsilon = client_epsilon_after(
+            server_round=server_round, noise_multiplier=z, sample_rate=q, delta=delta
+        )
+        if budget is not None and epsilon > budget:
+            return _refusal(msg, f"epsilon {epsilon:.3g} would exceed budget {budget:.3g}", epsilon)
+
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        metrics = reply.content.metric_records["metrics"]
+        weight = float(metrics["weight"])  # type: ignore[arg-type]
+        arrays = {
+            k: (a.numpy() / weight).astype(np.float32)
+            for k, a in reply.content.array_records["arrays"].items()
+        }
+        clip_inplace(arrays, max_norm=clip)
+        add_gaussian_noise_inplace(arrays, std=noise_std, rng=np.random.default_rng())
+        for key in arrays:
+            arrays[key] /= np.float32(denominator)
+        participations = context.state.config_records.get(_STATE_KEY, ConfigRecord())
+        count = participations.get("participations", 0)
+        participations["participations"] = (count if isinstance(count, int) else 0) + 1
+        participations["epsilon"] = epsilon
+        context.state.config_records[_STATE_KEY] = participations
+        new_metrics = MetricRecord(
+            {**{k: v for k, v in metrics.items() if k != "weight"}, "weight": 1.0 / denominator}
+        )
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+                "metrics": new_metrics,
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    return client_dp_mod
