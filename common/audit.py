@@ -356,6 +356,18 @@ class _Audit:
                     f"claimed epsilon_rdp {claimed:.9g} differs from the recomputed "
                     f"{recomputed:.9g} at round {r}",
                 )
+            if rec.get("epsilon_accountant", "prv") == "rdp":
+                # a round that claims its RDP epsilon as "epsilon" must claim exactly that
+                if not math.isclose(
+                    float(rec["epsilon"]), recomputed, rel_tol=self.tolerance, abs_tol=1e-12
+                ):
+                    return self._add(
+                        "rdp epsilon",
+                        False,
+                        f"claimed epsilon {rec['epsilon']:.9g} (RDP) differs from the "
+                        f"recomputed {recomputed:.9g} at round {r}",
+                    )
+                continue
             if rec["epsilon"] < previous_claim - PRV_EPSILON_SLACK:  # PRV's numerical noise
                 return self._add(
                     "rdp epsilon",

@@ -7,9 +7,9 @@ pre-scaled updates with the fixed denominator m = qN (McMahan et al. 2018, Alg. 
 every round accounts the privacy spent with the *effective* noise multiplier
 ``z * sqrt(participated / m)`` and writes the round to the hash-chained ledger.
 
-Per-round epsilon is Renyi DP, tracked incrementally (one RDP evaluation per round); the PRV
-epsilon (tighter, the one fedrec reports) is computed for the last round, where the ledger's
-final line repeats it. Rounds with equal (z_eff, q) are merged before PRV composition (exact).
+Per-round epsilon is Renyi DP, tracked incrementally (one RDP evaluation per round; the ledger
+line says ``"epsilon_accountant": "rdp"``); the PRV epsilon (tighter, the one fedrec reports) is
+computed for the last round, whose line says ``"prv"`` and which the final line repeats. Rounds with equal (z_eff, q) are merged before PRV composition (exact).
 """
 
 from __future__ import annotations
@@ -212,10 +212,16 @@ class ClientDPStrategy(Strategy):
         # The server has seen every update that came back, applied or not: charge the round
         # whenever one did (conservative for rounds below the minimum cohort).
         released = stats.returned > 0
-        z_eff = effective_noise_multiplier(
-            noise_multiplier=p.noise_multiplier,
-            participated=stats.returned,
-            expected=p.expected_participants,
+        # A round where no update came back released nothing and is not charged; the ledger
+        # then records the configured z (its effective multiplier is undefined).
+        z_eff = (
+            effective_noise_multiplier(
+                noise_multiplier=p.noise_multiplier,
+                participated=stats.returned,
+                expected=p.expected_participants,
+            )
+            if released
+            else p.noise_multiplier
         )
         if released:
             self._charge(MechanismStep(z_eff, p.sample_rate))
@@ -235,6 +241,7 @@ class ClientDPStrategy(Strategy):
             "steps": 1,
             "released": released,
             "epsilon": self.epsilon,
+            "epsilon_accountant": "prv" if server_round == p.rounds else "rdp",
             "epsilon_rdp": self.epsilon_rdp,
         }
         logger.info(

@@ -106,3 +106,4 @@ def test_without_dp_config_the_mod_is_transparent() -> None:
     msg = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
     reply = mod(msg, _context(), call_next)
     np.testing.assert_allclose(reply.content.array_records["arrays"].to_numpy_ndarrays()[0], [6, 8])
+    assert len(calls) == 1

@@ -185,3 +185,79 @@ def test_partition_rows_cover_training_users(tmp_path: Path, synth_csv: Path) ->
     assert sum(sizes) == prepared.n_train_users
     assert max(sizes) - min(sizes) <= 1
     assert np.all(np.asarray(sizes) > 0)
+
+
+def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: Path) -> None:
+    from client.dp_mod import client_epsilon_after
+    from common.privacy import default_delta
+
+    cfg = _config(tmp_path / "tiny.toml", synth_csv)
+    run_dir = tmp_path / "run"
+    # A client budget between the epsilon after round 2 and after round 3: every client
+    # trains in rounds 1-2 and refuses round 3.
+    z, q = 1.0, 0.5  # the tiny config's sample rate
+    sets = [
+        "rounds=3",
+        "privacy.mode=client",
+        f"privacy.noise_multiplier={z}",
+        "privacy.clip=0.5",
+    ]
+    first = subprocess.run(
+        [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir)]
+        + [x for s in sets for x in ("--set", s)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    from common.rundata import n_clients_of
+
+    population = n_clients_of(run_dir)
+    delta = default_delta(population)
+    eps2 = client_epsilon_after(server_round=2, noise_multiplier=z, sample_rate=q, delta=delta)
+    eps3 = client_epsilon_after(server_round=3, noise_multiplier=z, sample_rate=q, delta=delta)
+    rounds = _rounds(run_dir)
+    assert [r["epsilon"] > 0 for r in rounds] == [True, True, True]
+    assert rounds[0]["epsilon"] < rounds[1]["epsilon"] < rounds[2]["epsilon_rdp"] + 1e-9
+    audit = subprocess.run(
+        [*FEDREC, "audit", "verify", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert json.loads(audit.stdout)["status"] == "verified"
+
+    # tamper: edit one number in the middle of the ledger -> the auditor fails it
+    ledger = run_dir / "ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    lines[2] = lines[2].replace('"participated":', '"participated":1', 1)
+    ledger.write_text("\n".join(lines) + "\n")
+    tampered = subprocess.run(
+        [*FEDREC, "audit", "verify", str(run_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert tampered.returncode == 1
+
+    # a client budget between round 2's and round 3's epsilon: round 3 is refused by all
+    budget = (eps2 + eps3) / 2
+    run2 = tmp_path / "run2"
+    again = subprocess.run(
+        [
+            *FEDREC,
+            "simulate",
+            "--config",
+            str(cfg),
+            "--out",
+            str(run2),
+            "--set",
+            f"privacy.client_budget={budget}",
+        ]
+        + [x for s in sets for x in ("--set", s)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    r1, r2, r3 = _rounds(run2)
+    assert r1["refused"] == 0 and r2["refused"] == 0
+    assert r3["refused"] == r3["sampled"] > 0 and r3["returned"] == 0 and not r3["applied"]
