@@ -9,7 +9,8 @@ every round accounts the privacy spent with the *effective* noise multiplier
 
 Per-round epsilon is Renyi DP, tracked incrementally (one RDP evaluation per round; the ledger
 line says ``"epsilon_accountant": "rdp"``); the PRV epsilon (tighter, the one fedrec reports) is
-computed for the last round, whose line says ``"prv"`` and which the final line repeats. Rounds with equal (z_eff, q) are merged before PRV composition (exact).
+computed for the last round, whose line says ``"prv"`` and which the final line repeats.
+Rounds with equal (z_eff, q) are merged before PRV composition (exact).
 """
 
 from __future__ import annotations
