@@ -314,6 +314,60 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_audit_empirical(args: argparse.Namespace) -> int:
+    import math
+    import tempfile
+
+    from common.privacy import default_delta
+    from common.rundata import prepare_run_data
+    from common.runconfig import PrivacyMode, load_run_config
+    from server.dp import plan_privacy
+    from simulations.audit_empirical import run_audit
+
+    cfg = load_run_config(args.config, args.set)
+    population = args.population
+    if population is None:
+        with console.status("preparing the population"), tempfile.TemporaryDirectory() as tmp:
+            population = prepare_run_data(cfg, Path(tmp), cache_dir=args.cache_dir).n_clients
+    if cfg.privacy.mode is not PrivacyMode.CLIENT:
+        raise FedrecError("audit empirical needs privacy.mode = 'client' (set it with --set)")
+    try:
+        plan = plan_privacy(cfg, population)
+    except ValueError as err:
+        raise FedrecError(f"privacy: {err}") from None
+    assert plan is not None
+    table = Table(
+        title=f"one-run audit: {cfg.name}, N={population}, {cfg.rounds} rounds, "
+        f"q={plan.sample_rate}, {args.canaries} canaries, 95% confidence"
+    )
+    for col in ("mode", "z", "claimed ε", "empirical ε ≥", "guesses", "correct", "accuracy"):
+        table.add_column(col, justify="right")
+    for label, z in (("DP off", 0.0), ("DP on", plan.noise_multiplier)):
+        with console.status(f"auditing {label}"):
+            res = run_audit(
+                noise_multiplier=z,
+                clip=plan.clip,
+                sample_rate=plan.sample_rate,
+                rounds=cfg.rounds,
+                population=population,
+                delta=plan.delta if plan.delta else default_delta(population),
+                canaries=args.canaries,
+                seed=cfg.seed,
+            )
+        claimed = "∞" if math.isinf(res.claimed_epsilon) else f"{res.claimed_epsilon:.3f}"
+        table.add_row(
+            label,
+            f"{z:.3g}",
+            claimed,
+            f"{res.epsilon_lower_bound:.3f}",
+            str(res.r),
+            str(res.v),
+            f"{res.accuracy:.3f}",
+        )
+    out.print(table)
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 
 
@@ -408,6 +462,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, help="epsilon the run must not exceed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_audit_verify)
+
+    p = asub.add_parser(
+        "empirical",
+        help="one-run canary audit (Steinke, Nasr, Jagielski 2023): empirical epsilon lower bound",
+    )
+    p.add_argument("--config", type=Path, required=True, help="run config TOML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--canaries", type=int, default=1000)
+    p.add_argument(
+        "--population",
+        type=int,
+        default=None,
+        help="clients (default: prepared from the config's data)",
+    )
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.set_defaults(handler=_cmd_audit_empirical)
 
     p = sub.add_parser("recommend", help="recommend for one history, on this device")
     p.add_argument("--model", required=True, help="path to model.pt")

@@ -102,9 +102,7 @@ def one_run_p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> 
     return min(tail + 2 * m * delta * float(per_step.max()), 1.0)
 
 
-def epsilon_lower_bound(
-    *, m: int, r: int, v: int, delta: float, confidence: float = 0.95
-) -> float:
+def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
     """Largest epsilon that ``v`` right guesses out of ``r`` rule out at ``confidence``.
 
     Steinke, Nasr and Jagielski 2023, Algorithm 2: binary search for the largest ``eps`` with
