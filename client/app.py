@@ -22,7 +22,6 @@ from flwr.clientapp import ClientApp
 
 from client.dp_mod import make_client_dp_mod
 from client.local import LocalData, compute_update, local_metrics, split_local
-from common.model import ModelConfig, ModelKind
 from common.runconfig import RunConfig, load_run_config
 from common.rundata import load_client_shard
 
@@ -36,18 +35,6 @@ app = ClientApp()
 @lru_cache(maxsize=2)
 def _run_config(run_dir: str) -> RunConfig:
     return load_run_config(Path(run_dir) / "config.toml")
-
-
-def _model_config(cfg: RunConfig, n_items: int) -> ModelConfig:
-    m = cfg.model
-    return ModelConfig(
-        kind=ModelKind(m.kind),
-        n_items=n_items,
-        dims=m.dims,
-        dropout=m.dropout,
-        beta_cap=m.beta_cap,
-        anneal_steps=m.anneal_steps,
-    )
 
 
 @lru_cache(maxsize=4096)
@@ -81,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    model_cfg = _model_config(cfg, _n_items(global_state))
+    model_cfg = cfg.model.to_model_config(_n_items(global_state))
     t1 = time.perf_counter()
     update = compute_update(
         global_state,
@@ -112,7 +99,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this client's local held-out items."""
     cfg, _, data = _context(context)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    model_cfg = _model_config(cfg, _n_items(global_state))
+    model_cfg = cfg.model.to_model_config(_n_items(global_state))
     metrics = local_metrics(global_state, data, model_config=model_cfg)
     return Message(RecordDict({"metrics": MetricRecord(dict(metrics))}), reply_to=msg)
 

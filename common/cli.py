@@ -319,8 +319,8 @@ def _cmd_audit_empirical(args: argparse.Namespace) -> int:
     import tempfile
 
     from common.privacy import default_delta
-    from common.rundata import prepare_run_data
     from common.runconfig import PrivacyMode, load_run_config
+    from common.rundata import prepare_run_data
     from server.dp import plan_privacy
     from simulations.audit_empirical import run_audit
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import apply_overrides, load_toml, parse
+from common.model import ModelConfig, ModelKind
 
 __all__ = [
     "ClientConfig",
@@ -119,6 +120,17 @@ class ModelSection:
     """KL weight cap."""
     anneal_steps: int = 2000
     """Rounds over which beta grows to ``beta_cap`` (one step per round on a client)."""
+
+    def to_model_config(self, n_items: int) -> ModelConfig:
+        """The network of this section for a catalogue of ``n_items``."""
+        return ModelConfig(
+            kind=ModelKind(self.kind),
+            n_items=n_items,
+            dims=self.dims,
+            dropout=self.dropout,
+            beta_cap=self.beta_cap,
+            anneal_steps=self.anneal_steps,
+        )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from common.config import to_dict
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.ledger import LedgerWriter, read_ledger
 from common.metrics import evaluate
-from common.model import ModelConfig, ModelKind, anneal_beta, build_model
+from common.model import ModelConfig, anneal_beta, build_model
 from common.privacy import MechanismStep
 from common.runconfig import RunConfig
 from common.rundata import EvalData, load_eval_data, n_clients_of
@@ -171,19 +171,6 @@ def _code_version() -> str:
     return f"fedrec {version('fedrec')}"
 
 
-def model_config_of(cfg: RunConfig, n_items: int) -> ModelConfig:
-    """The network that ``cfg`` describes for a catalogue of ``n_items``."""
-    m = cfg.model
-    return ModelConfig(
-        kind=ModelKind(m.kind),
-        n_items=n_items,
-        dims=m.dims,
-        dropout=m.dropout,
-        beta_cap=m.beta_cap,
-        anneal_steps=m.anneal_steps,
-    )
-
-
 def _test_metrics(
     model_cfg: ModelConfig, weights: dict[str, np.ndarray], data: EvalData, split: str = "test"
 ) -> dict[str, float]:
@@ -245,7 +232,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
     run_dir = Path(run_dir)
     out = _Outputs(run_dir, cfg)
     data = load_eval_data(run_dir)
-    model_cfg = model_config_of(cfg, len(data.item_ids))
+    model_cfg = cfg.model.to_model_config(len(data.item_ids))
     optimizer = make_server_optimizer(cfg.server)
     state_path = run_dir / STATE_FILE
     if state_path.exists():

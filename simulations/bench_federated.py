@@ -30,7 +30,6 @@ from client.local import compute_update, split_local
 from common.model import build_model
 from common.runconfig import load_run_config
 from common.rundata import load_client_shard, load_eval_data
-from server.federation import model_config_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ def in_process_updates(run_dir: Path, n: int) -> float:
     """Client updates per second computed directly (no Flower, no serialization), one core."""
     cfg = load_run_config(run_dir / "config.toml")
     data = load_eval_data(run_dir)
-    model_cfg = model_config_of(cfg, len(data.item_ids))
+    model_cfg = cfg.model.to_model_config(len(data.item_ids))
     state = build_model(model_cfg).state_dict()
     shards = [load_client_shard(run_dir, c) for c in range(n)]
     local = [

@@ -40,14 +40,28 @@ def _run_point(config: Path, out: Path, epsilon: float, sets: list[str]) -> dict
         if math.isinf(epsilon)
         else ["privacy.mode=client", f"privacy.target_epsilon={epsilon}"]
     )
-    cmd = [sys.executable, "-m", "common.cli", "simulate", "--config", str(config), "--out",
-           str(out), "--force", "--set", "reference=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "common.cli",
+        "simulate",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--force",
+        "--set",
+        "reference=false",
+    ]
     for s in [*sets, *privacy]:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)
     results = json.loads((out / "results.json").read_text())
-    point = {"target_epsilon": epsilon, **results["final"]["test"],
-             "wall_seconds": results.get("wall_seconds")}
+    point = {
+        "target_epsilon": epsilon,
+        **results["final"]["test"],
+        "wall_seconds": results.get("wall_seconds"),
+    }
     if "privacy" in results["final"]:
         point["epsilon"] = results["final"]["privacy"]["epsilon"]
         point["noise_multiplier"] = results["final"]["privacy"]["noise_multiplier"]
@@ -60,8 +74,12 @@ def plot(points: list[dict[str, Any]], popularity: float, title: str, path: Path
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     finite = [p for p in points if math.isfinite(p["target_epsilon"])]
-    ax.plot([p["epsilon"] for p in finite], [p["ndcg@100"] for p in finite], "o-",
-            label="user-level DP-FedAvg")
+    ax.plot(
+        [p["epsilon"] for p in finite],
+        [p["ndcg@100"] for p in finite],
+        "o-",
+        label="user-level DP-FedAvg",
+    )
     for p in points:
         if math.isinf(p["target_epsilon"]):
             ax.axhline(p["ndcg@100"], ls="--", color="tab:green", label="no DP (ε = ∞)")
@@ -92,12 +110,24 @@ def main() -> None:
         slug = "inf" if math.isinf(eps) else f"{eps:g}"
         points.append(_run_point(args.config, args.out / f"eps-{slug}", eps, args.set))
     pop = run_central(
-        CentralConfig(dataset=cfg.data.dataset, model=RecommenderKind.POPULARITY, seed=cfg.seed,
-                      min_rating=cfg.data.min_rating, n_heldout_users=cfg.data.n_heldout_users),
+        CentralConfig(
+            dataset=cfg.data.dataset,
+            model=RecommenderKind.POPULARITY,
+            seed=cfg.seed,
+            min_rating=cfg.data.min_rating,
+            n_heldout_users=cfg.data.n_heldout_users,
+        ),
         args.out / "popularity",
     ).test["ndcg@100"]
-    atomic_write_json(args.out / "sweep.json", {"config": str(args.config), "sets": args.set,
-                                                "points": points, "popularity_ndcg@100": pop})
+    atomic_write_json(
+        args.out / "sweep.json",
+        {
+            "config": str(args.config),
+            "sets": args.set,
+            "points": points,
+            "popularity_ndcg@100": pop,
+        },
+    )
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=sorted({k for p in points for k in p}))
     writer.writeheader()
@@ -109,9 +139,12 @@ def main() -> None:
         table.add_column(col, justify="right")
     for p in points:
         table.add_row(
-            f"{p['target_epsilon']:g}", f"{p.get('epsilon', math.inf):.3g}",
-            f"{p.get('noise_multiplier', 0):.3g}", f"{p['ndcg@100']:.4f}",
-            f"{p['recall@20']:.4f}", f"{p.get('wall_seconds') or 0:.0f}",
+            f"{p['target_epsilon']:g}",
+            f"{p.get('epsilon', math.inf):.3g}",
+            f"{p.get('noise_multiplier', 0):.3g}",
+            f"{p['ndcg@100']:.4f}",
+            f"{p['recall@20']:.4f}",
+            f"{p.get('wall_seconds') or 0:.0f}",
         )
     table.add_row("popularity", "", "", f"{pop:.4f}", "", "")
     Console().print(table)
