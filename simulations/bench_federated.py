@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def in_process_updates(run_dir: Path, n: int) -> float:
-    """Client updates per second computed directly (no Flower, no serialization), one core."""
+    """Client updates per second computed directly (no Flower, no serialization), one core,
+    after a short warm-up."""
     cfg = load_run_config(run_dir / "config.toml")
     data = load_eval_data(run_dir)
     model_cfg = cfg.model.to_model_config(len(data.item_ids))
@@ -45,6 +46,8 @@ def in_process_updates(run_dir: Path, n: int) -> float:
         split_local(s.rows, fraction=cfg.data.client_holdout_fraction, seed=c)
         for c, s in enumerate(shards)
     ]
+    for c, d in enumerate(local[:3]):  # warm-up: first calls build the model and allocate
+        compute_update(state, d, model_config=model_cfg, client=cfg.client, beta=0.1, seed=c)
     start = time.perf_counter()
     for c, d in enumerate(local):
         compute_update(state, d, model_config=model_cfg, client=cfg.client, beta=0.1, seed=c)
