@@ -12,6 +12,7 @@ knows the seed, and predictable noise protects nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -47,6 +48,7 @@ BudgetLookup = Callable[[Context], float | None]
 _STATE_KEY = "fedrec-dp"
 
 
+@functools.lru_cache(maxsize=256)
 def client_epsilon_after(
     *, server_round: int, noise_multiplier: float, sample_rate: float, delta: float
 ) -> float:
@@ -91,11 +93,14 @@ def make_client_dp_mod(
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"server sent an invalid {name}: {value}")
         budget = budget_of(context)
-        epsilon = client_epsilon_after(
-            server_round=server_round, noise_multiplier=z, sample_rate=q, delta=delta
-        )
-        if budget is not None and epsilon > budget:
-            return _refusal(msg, f"epsilon {epsilon:.3g} would exceed budget {budget:.3g}", epsilon)
+        epsilon = math.nan  # only computed when this client has a budget to guard
+        if budget is not None:
+            epsilon = client_epsilon_after(
+                server_round=server_round, noise_multiplier=z, sample_rate=q, delta=delta
+            )
+            if epsilon > budget:
+                reason = f"epsilon {epsilon:.3g} would exceed budget {budget:.3g}"
+                return _refusal(msg, reason, epsilon)
 
         reply = call_next(msg, context)
         if reply.has_error():
@@ -113,7 +118,8 @@ def make_client_dp_mod(
         participations = context.state.config_records.get(_STATE_KEY, ConfigRecord())
         count = participations.get("participations", 0)
         participations["participations"] = (count if isinstance(count, int) else 0) + 1
-        participations["epsilon"] = epsilon
+        if not math.isnan(epsilon):
+            participations["epsilon"] = epsilon
         context.state.config_records[_STATE_KEY] = participations
         new_metrics = MetricRecord(
             {**{k: v for k, v in metrics.items() if k != "weight"}, "weight": 1.0 / denominator}
