@@ -41,5 +41,6 @@ def main(grid: Grid, context: Context) -> None:
         logger.info("preparing %s from %s", run_dir, config_path)
         write_run_folder(load_run_config(config_path), run_dir)
     cfg = load_run_config(run_dir / "config.toml")
-    expected = int(context.run_config.get("expected-nodes", 0)) or n_clients_of(run_dir)
-    run_federation(grid, cfg, run_dir, expected_nodes=expected)
+    launched = int(context.run_config.get("expected-nodes", 0))  # set by `fedrec simulate`
+    expected = launched or n_clients_of(run_dir)
+    run_federation(grid, cfg, run_dir, expected_nodes=expected, simulated=launched > 0)

@@ -135,6 +135,30 @@ def wait_for_nodes(grid: Grid, *, expected: int, timeout: float, minimum: int) -
     return nodes
 
 
+def canonical_order(nodes: list[int], run_dir: Path, *, wait: float = 0.0) -> list[int]:
+    """Nodes ordered by their client (partition) id when the simulation recorded it.
+
+    Simulated node ids are random per run; ordering by partition makes a seed pick the same
+    clients every time. The simulation writes the mapping while it registers nodes, so this
+    waits up to ``wait`` seconds for it to cover ``nodes``. Without a mapping (a real
+    deployment) nodes keep id order.
+    """
+    path = run_dir / "data" / "nodes.json"
+    deadline = time.monotonic() + wait
+    while True:
+        partition: dict[int, int] = {}
+        if path.exists():
+            partition = {int(n): int(p) for n, p in json.loads(path.read_text()).items()}
+        if all(n in partition for n in nodes) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if not all(n in partition for n in nodes):
+        if wait > 0:
+            logger.warning("no node-to-client mapping: sampling follows random node ids")
+        return sorted(nodes)
+    return sorted(nodes, key=lambda n: (partition[n], n))
+
+
 def open_ledger(run_dir: Path, cfg: RunConfig, plan: DPPlan, state: ServerState) -> LedgerWriter:
     """Create ``RUN_DIR/ledger.jsonl``, or continue it when resuming.
 
@@ -215,7 +239,9 @@ class _Outputs:
         )
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes: int) -> None:
+def run_federation(
+    grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes: int, simulated: bool = False
+) -> None:
     """Run (or resume) the federated rounds of ``cfg`` and write the run's files.
 
     Parameters
@@ -228,6 +254,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
         The run folder prepared by the runner (``config.toml``, ``data/``).
     expected_nodes:
         How many client nodes to wait for before round 1.
+    simulated:
+        Launched by ``fedrec simulate``, which records which client each node is.
     """
     run_dir = Path(run_dir)
     out = _Outputs(run_dir, cfg)
@@ -264,11 +292,15 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, *, expected_nodes:
         strategy = ClientDPStrategy(plain, plan, ledger, history=history)
     else:
         logger.warning("privacy.mode = 'off': updates carry no differential privacy")
-    plain.node_ids = wait_for_nodes(
-        grid,
-        expected=expected_nodes,
-        timeout=cfg.server.registration_timeout,
-        minimum=cfg.server.min_clients,
+    plain.node_ids = canonical_order(
+        wait_for_nodes(
+            grid,
+            expected=expected_nodes,
+            timeout=cfg.server.registration_timeout,
+            minimum=cfg.server.min_clients,
+        ),
+        run_dir,
+        wait=30.0 if simulated else 0.0,
     )
     strategy.summary()
     out.event(event="nodes", registered=len(plain.node_ids))

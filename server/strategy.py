@@ -89,7 +89,7 @@ def sample_cohort(
     cohort size is Binomial(N, q) and privacy amplification by Poisson subsampling applies
     (Zhu and Wang 2019). ``fixed``: ``clients_per_round`` nodes uniformly without replacement.
     """
-    ids = sorted(node_ids)  # node ids are unsigned 64-bit: index them, never cast them
+    ids = list(node_ids)  # in the caller's canonical order; uint64 ids: index, never cast
     if cfg.sampling is Sampling.POISSON:
         picked = np.flatnonzero(rng.random(len(ids)) < cfg.sample_rate)
     else:
@@ -133,6 +133,7 @@ class FedRecStrategy(Strategy):
         self.optimizer = optimizer
         self.seed = seed
         self.node_ids: list[int] = []
+        """Registered nodes in canonical order (sampling picks by position in this list)."""
         self.last = RoundStats()
         self.fixed_denominator = False
         """With DP, clients pre-scale by 1/m: the server then sums without dividing."""
@@ -147,7 +148,7 @@ class FedRecStrategy(Strategy):
     ) -> Iterable[Message]:
         """Sample the cohort and address the global model to each member."""
         rng = np.random.default_rng([self.seed, server_round])
-        cohort = sample_cohort(self.node_ids or list(grid.get_node_ids()), self.server, rng)
+        cohort = sample_cohort(self.node_ids or sorted(grid.get_node_ids()), self.server, rng)
         self._global = {k: np.array(v, copy=True) for k, v in _to_numpy(arrays).items()}
         content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
         per_message = wire_bytes(content)
@@ -169,7 +170,12 @@ class FedRecStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the pre-weighted updates, divide by the summed weight, apply the optimizer."""
         stats = self.last
-        replies = list(replies)
+        # Sum in a fixed order (the canonical node order): replies arrive in whatever order
+        # the clients finish, and floating-point addition is not associative.
+        rank = {node: i for i, node in enumerate(self.node_ids)}
+        replies = sorted(
+            replies, key=lambda m: (rank.get(m.metadata.src_node_id, -1), m.metadata.src_node_id)
+        )
         stats.dropped = stats.invited - len(replies)
         total: dict[str, np.ndarray] | None = None
         weight = 0.0

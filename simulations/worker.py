@@ -16,11 +16,35 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["APP_DIR", "main"]
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """Folder whose ``pyproject.toml`` declares the Flower app (the project root)."""
+
+
+def _record_node_partitions(run_dir: Path) -> None:
+    """Write Flower's node id -> partition mapping to ``RUN_DIR/data/nodes.json``.
+
+    Flower draws simulated node ids from ``os.urandom``; the ServerApp orders nodes by
+    partition instead, so a seed samples the same clients (and sums them in the same order)
+    in every run.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from common.io import atomic_write_json
+
+    register = vce_api._register_node_info_stores
+    (run_dir / "data" / "nodes.json").unlink(missing_ok=True)  # node ids are new every run
+
+    def recording(nodes_mapping: dict[int, int], run: Any, app_dir: str | None = None) -> Any:
+        atomic_write_json(
+            run_dir / "data" / "nodes.json", {str(n): p for n, p in nodes_mapping.items()}
+        )
+        return register(nodes_mapping, run, app_dir)
+
+    vce_api._register_node_info_stores = recording
 
 
 def run(run_dir: Path, num_nodes: int, cpus_per_client: float) -> None:
@@ -61,6 +85,7 @@ def run(run_dir: Path, num_nodes: int, cpus_per_client: float) -> None:
     )
     if num_nodes >= vce_patch.MIN_NODES:
         vce_patch.apply()
+    _record_node_partitions(run_dir.resolve())
     _run_simulation(
         num_supernodes=num_nodes,
         exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,

@@ -261,3 +261,22 @@ def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: 
     r1, r2, r3 = _rounds(run2)
     assert r1["refused"] == 0 and r2["refused"] == 0
     assert r3["refused"] == r3["sampled"] > 0 and r3["returned"] == 0 and not r3["applied"]
+
+
+def test_same_seed_same_run(tmp_path: Path, synth_csv: Path) -> None:
+    """Flower's node ids are random per run; fedrec's sampling and sums must not depend on them."""
+    cfg = _config(tmp_path / "tiny.toml", synth_csv)
+    finals, cohorts = [], []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        proc = subprocess.run(
+            [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        finals.append(json.loads((run_dir / "results.json").read_text())["final"]["test"])
+        cohorts.append([r["sampled"] for r in _rounds(run_dir)])
+    assert cohorts[0] == cohorts[1]
+    assert finals[0] == finals[1]
