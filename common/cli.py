@@ -376,6 +376,16 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-rating", type=float, default=4.0, help="ratings >= this are positives")
 
 
+def _add_set_option(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a dotted config key (repeatable), {example}",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -421,13 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set dims=[200,64] --set lr=0.001",
-    )
+    _add_set_option(p, "e.g. --set dims=[200,64] --set lr=0.001")
     p.set_defaults(handler=_cmd_train_central)
 
     p = sub.add_parser("simulate", help="run a federated simulation (Flower, Ray backend)")
@@ -442,13 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="start over in an existing run folder")
     p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted config key, e.g. --set rounds=20 --set server.optimizer=fedadam",
-    )
+    _add_set_option(p, "e.g. --set rounds=20 --set server.optimizer=fedadam")
     p.set_defaults(handler=_cmd_simulate)
 
     audit = sub.add_parser("audit", help="verify a run's privacy ledger (for auditors)")
@@ -468,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one-run canary audit (Steinke, Nasr, Jagielski 2023): empirical epsilon lower bound",
     )
     p.add_argument("--config", type=Path, required=True, help="run config TOML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_option(p, "e.g. --set privacy.target_epsilon=4")
     p.add_argument("--canaries", type=int, default=1000)
     p.add_argument(
         "--population",
