@@ -206,7 +206,22 @@ def plot_epsilon(results: dict[str, Any], path: Path) -> bool:
         return False
     fig = _figure(1)
     ax = fig.subplots()
-    ax.plot(xs, ys, marker="o", markersize=3, color="tab:red")
+    rdp_x, rdp_y = _series(results, "epsilon_rdp")
+    if rdp_x:
+        # per-round claims are RDP; the final round also carries the tighter PRV epsilon
+        ax.plot(rdp_x, rdp_y, marker="o", markersize=3, color="tab:red", label="RDP, per round")
+        ax.plot(
+            xs[-1:],
+            ys[-1:],
+            marker="*",
+            markersize=12,
+            ls="none",
+            color="tab:blue",
+            label=f"PRV, final: {ys[-1]:.3g}",
+        )
+        ax.legend()
+    else:
+        ax.plot(xs, ys, marker="o", markersize=3, color="tab:red")
     ax.set_title("Privacy budget spent")
     ax.set_xlabel("round")
     ax.set_ylabel("ε (cumulative)")
