@@ -16,12 +16,7 @@ from flwr.app import (
 
 from client.dp_mod import client_epsilon_after, make_client_dp_mod
 
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _instruction(*, noise_std: float, server_round: int = 1) -> Message:

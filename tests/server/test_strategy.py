@@ -18,13 +18,7 @@ from common.runconfig import Sampling, ServerConfig, ServerOptimizer
 from server.optimizer import ServerOpt
 from server.strategy import FedRecStrategy, sample_cohort
 
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    """Messages are stamped with the running task's identity, as inside a ServerApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 BIG_IDS = [2**64 - 5, 2**63 + 7, 12, 99]  # Flower node ids are unsigned 64-bit
