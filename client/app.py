@@ -17,11 +17,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dp_mod import make_client_dp_mod
-from client.local import LocalData, compute_update, local_metrics, split_local
+from client.dp_mod import make_client_dp_mod, refusal
+from client.dpsgd import DPSGDConfig, dpsgd_update
+from client.local import LocalData, LocalUpdate, compute_update, local_metrics, split_local
+from common.privacy import AccountantKind, MechanismStep, compute_epsilon
 from common.runconfig import RunConfig, load_run_config
 from common.rundata import load_client_shard
 
@@ -70,14 +72,18 @@ def train(msg: Message, context: Context) -> Message:
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     model_cfg = cfg.model.to_model_config(_n_items(global_state))
     t1 = time.perf_counter()
-    update = compute_update(
-        global_state,
-        data,
-        model_config=model_cfg,
-        client=cfg.client,
-        beta=float(config["beta"]),  # type: ignore[arg-type]
-        seed=cfg.seed * 1_000_003 + server_round * 7919 + client_id,
-    )
+    seed = cfg.seed * 1_000_003 + server_round * 7919 + client_id
+    beta = float(config["beta"])  # type: ignore[arg-type]
+    dp_metrics: dict[str, float | int] = {}
+    if "dpsgd-noise-multiplier" in config:
+        dpsgd = _dpsgd_train(global_state, data, cfg, config, context, beta=beta)
+        if isinstance(dpsgd, RecordDict):
+            return Message(dpsgd, reply_to=msg)
+        update, dp_metrics = dpsgd
+    else:
+        update = compute_update(
+            global_state, data, model_config=model_cfg, client=cfg.client, beta=beta, seed=seed
+        )
     t2 = time.perf_counter()
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in update.delta.items()})
     t3 = time.perf_counter()
@@ -89,9 +95,71 @@ def train(msg: Message, context: Context) -> Message:
             "deserialize-seconds": t1 - t0,
             "train-seconds": t2 - t1,
             "serialize-seconds": t3 - t2,
+            **dp_metrics,
         }
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+_DPSGD_STATE = "fedrec-dpsgd"
+
+
+def _dpsgd_train(
+    global_state: dict[str, torch.Tensor],
+    data: LocalData,
+    cfg: RunConfig,
+    config: ConfigRecord,
+    context: Context,
+    *,
+    beta: float,
+) -> tuple[LocalUpdate, dict[str, float | int]] | RecordDict:
+    """Example-level DP: DP-SGD with Opacus on this silo's users (or a refusal over budget).
+
+    The silo keeps its own accountant: its users' epsilon composes (q_s, steps_s) over the
+    rounds it trained (rounds it sat out cost them nothing). The update is weighted by the
+    silo's user count, like the plain path, so the server's mean is unchanged in form.
+    """
+    z = float(config["dpsgd-noise-multiplier"])  # type: ignore[arg-type]
+    dp_cfg = DPSGDConfig(
+        noise_multiplier=z,
+        max_grad_norm=float(config["dpsgd-clip"]),  # type: ignore[arg-type]
+        lr=cfg.client.lr,
+        batch_size=cfg.client.batch_size,
+        epochs=cfg.client.local_epochs,
+    )
+    state = context.state.config_records.get(_DPSGD_STATE, ConfigRecord())
+    steps_so_far = int(state.get("steps", 0))  # type: ignore[arg-type]
+    budget = _budget(context)
+    if budget is not None:
+        batches = -(-data.n_users // dp_cfg.batch_size)
+        planned = MechanismStep(z, 1.0 / batches, steps_so_far + dp_cfg.epochs * batches)
+        delta = float(config["dpsgd-delta"])  # type: ignore[arg-type]
+        epsilon = compute_epsilon([planned], delta=delta, accountant=AccountantKind.RDP)
+        if epsilon > budget:
+            return refusal(f"epsilon {epsilon:.3g} would exceed budget {budget:.3g}", epsilon)
+    result = dpsgd_update(
+        global_state,
+        data.train,
+        model_config=cfg.model.to_model_config(_n_items(global_state)),
+        cfg=dp_cfg,
+        beta=beta,
+        seed=None,  # sampling and noise from OS entropy: the server knows the run's seed
+    )
+    state["steps"] = steps_so_far + result.steps
+    context.state.config_records[_DPSGD_STATE] = state
+    weight = float(data.n_users)
+    update = LocalUpdate(
+        delta={k: weight * v for k, v in result.delta.items()},
+        weight=weight,
+        num_examples=data.n_users,
+        mean_loss=result.mean_loss,
+        train_seconds=result.train_seconds,
+    )
+    metrics: dict[str, float | int] = {
+        "dpsgd-steps": result.steps,
+        "dpsgd-sample-rate": result.sample_rate,
+    }
+    return update, metrics
 
 
 @app.evaluate()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -38,7 +38,13 @@ from common.privacy import (
     compute_epsilon,
 )
 
-__all__ = ["BudgetLookup", "client_epsilon_after", "make_client_dp_mod"]
+__all__ = [
+    "BudgetLookup",
+    "client_epsilon_after",
+    "make_client_dp_mod",
+    "privatize_update",
+    "refusal",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +71,38 @@ def client_epsilon_after(
     )
 
 
-def _refusal(msg: Message, reason: str, epsilon: float) -> Message:
+def privatize_update(
+    update: Mapping[str, np.ndarray],
+    *,
+    weight: float,
+    clip: float,
+    noise_std: float,
+    denominator: float,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """``(clip_C(update / weight) + N(0, noise_std^2)) / m``: what a DP client sends (float32).
+
+    McMahan et al. 2018, Alg. 1 with the noise spread over the participants: ``update`` is the
+    example-weighted delta ``weight * (local - global)``, ``clip`` is C, ``noise_std`` this
+    client's share (:func:`common.privacy.client_noise_std`) and ``denominator`` m = qN. The
+    input is not changed. Shared by the Flower mod and the in-process engine
+    (:mod:`simulations.fastsim`).
+    """
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"weight must be a finite number > 0, got {weight}")
+    arrays = {k: (np.asarray(a) / weight).astype(np.float32) for k, a in update.items()}
+    clip_inplace(arrays, max_norm=clip)
+    add_gaussian_noise_inplace(arrays, std=noise_std, rng=rng)
+    for key in arrays:
+        arrays[key] /= np.float32(denominator)
+    return arrays
+
+
+def refusal(reason: str, epsilon: float) -> RecordDict:
+    """The content of a reply refusing a round: counted by the server, not an error."""
     metrics = MetricRecord({"refused": 1, "weight": 0.0, "epsilon-if-trained": epsilon})
     logger.info("refusing round: %s", reason)
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return RecordDict({"metrics": metrics})
 
 
 def make_client_dp_mod(
@@ -85,7 +119,8 @@ def make_client_dp_mod(
         clip = float(config["dp-clip"])  # type: ignore[arg-type]
         noise_std = float(config["dp-noise-std"])  # type: ignore[arg-type]
         denominator = float(config["dp-denominator"])  # type: ignore[arg-type]
-        z = float(config["dp-noise-multiplier"])  # type: ignore[arg-type]
+        # the per-round z the server's calibration planned for (at a low participant count)
+        z = float(config.get("dp-accounting-noise-multiplier", config["dp-noise-multiplier"]))  # type: ignore[arg-type]
         q = float(config["dp-sample-rate"])  # type: ignore[arg-type]
         delta = float(config["dp-delta"])  # type: ignore[arg-type]
         server_round = int(config["server-round"])  # type: ignore[arg-type]
@@ -100,21 +135,21 @@ def make_client_dp_mod(
             )
             if epsilon > budget:
                 reason = f"epsilon {epsilon:.3g} would exceed budget {budget:.3g}"
-                return _refusal(msg, reason, epsilon)
+                return Message(refusal(reason, epsilon), reply_to=msg)
 
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
         metrics = reply.content.metric_records["metrics"]
         weight = float(metrics["weight"])  # type: ignore[arg-type]
-        arrays = {
-            k: (a.numpy() / weight).astype(np.float32)
-            for k, a in reply.content.array_records["arrays"].items()
-        }
-        clip_inplace(arrays, max_norm=clip)
-        add_gaussian_noise_inplace(arrays, std=noise_std, rng=np.random.default_rng())
-        for key in arrays:
-            arrays[key] /= np.float32(denominator)
+        arrays = privatize_update(
+            {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()},
+            weight=weight,
+            clip=clip,
+            noise_std=noise_std,
+            denominator=denominator,
+            rng=np.random.default_rng(),
+        )
         participations = context.state.config_records.get(_STATE_KEY, ConfigRecord())
         count = participations.get("participations", 0)
         participations["participations"] = (count if isinstance(count, int) else 0) + 1

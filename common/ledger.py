@@ -305,6 +305,13 @@ def round_problem(rec: Mapping[str, Any], *, mode: LedgerMode, population: int) 
                 f"{where}: effective_noise_multiplier {rec['effective_noise_multiplier']} is not "
                 f"noise_multiplier * sqrt(participated / expected_participants) = {z_eff}"
             )
+    if mode is LedgerMode.EXAMPLE and rec["effective_noise_multiplier"] != rec["noise_multiplier"]:
+        # each silo's DP-SGD noise is its own: how many silos returned does not change it
+        return (
+            f"{where}: example-level effective_noise_multiplier "
+            f"{rec['effective_noise_multiplier']} must equal noise_multiplier "
+            f"{rec['noise_multiplier']}"
+        )
     return None
 
 

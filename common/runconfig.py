@@ -221,6 +221,11 @@ class PrivacyConfig:
     """Reported accountant (``prv`` or ``rdp``); the other is kept beside it as a check."""
     client_budget: float | None = None
     """Each client refuses to train once its own epsilon would exceed this."""
+    participation_quantile: float = 0.025
+    """Client mode with ``target_epsilon``: calibrate z for a round whose participant count is
+    this lower quantile of Binomial(N, q), not its mean qN. With Poisson sampling fewer than qN
+    clients often take part, and such a round's noise (relative to C) is z * sqrt(k / qN), so
+    planning for the mean overshoots the target; 0.5 plans for the median."""
 
     def __post_init__(self) -> None:
         if self.mode is PrivacyMode.OFF:
@@ -241,6 +246,11 @@ class PrivacyConfig:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         if self.client_budget is not None:
             _positive("privacy.client_budget", self.client_budget)
+        if not (math.isfinite(self.participation_quantile) and 0 < self.participation_quantile < 1):
+            raise ValueError(
+                "privacy.participation_quantile must be in (0, 1), "
+                f"got {self.participation_quantile}"
+            )
         if self.accountant not in ("prv", "rdp"):
             raise ValueError(f"accountant must be 'prv' or 'rdp', got {self.accountant!r}")
 
@@ -291,6 +301,11 @@ class RunConfig:
             raise ValueError(
                 "privacy.mode = 'client' needs server.sampling = 'poisson': the accounting relies "
                 "on amplification by Poisson sampling"
+            )
+        if self.privacy.mode is PrivacyMode.EXAMPLE and self.client.optimizer != "sgd":
+            raise ValueError(
+                "privacy.mode = 'example' runs DP-SGD (Opacus, plain SGD steps): set "
+                f"client.optimizer = 'sgd', got {self.client.optimizer!r}"
             )
 
 

@@ -193,6 +193,12 @@ def load_client_shard(run_dir: Path, client_id: int) -> ClientShard:
     return ClientShard(client_id=client_id, rows=train[mine], label=labels[client_id])
 
 
+def client_sizes(run_dir: Path) -> list[int]:
+    """Users per client of the prepared partition (public metadata: silo sizes)."""
+    _, offsets, _, _ = _client_arrays(str(Path(run_dir) / "data" / "clients.npz"))
+    return [int(n) for n in np.diff(offsets)]
+
+
 def n_clients_of(run_dir: Path) -> int:
     """How many clients the prepared partition has."""
     _, offsets, _, _ = _client_arrays(str(Path(run_dir) / "data" / "clients.npz"))

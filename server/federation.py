@@ -31,9 +31,9 @@ from common.metrics import evaluate
 from common.model import ModelConfig, anneal_beta, build_model
 from common.privacy import MechanismStep
 from common.runconfig import RunConfig
-from common.rundata import EvalData, load_eval_data, n_clients_of
+from common.rundata import EvalData, client_sizes, load_eval_data, n_clients_of
 from common.training import score_users
-from server.dp import ClientDPStrategy, DPPlan, plan_privacy
+from server.dp import ClientDPStrategy, DPPlan, ExampleDPStrategy, make_dp_strategy, plan_privacy
 from server.optimizer import cosine_lr_scale, make_server_optimizer
 from server.strategy import FedRecStrategy
 
@@ -179,7 +179,7 @@ def open_ledger(run_dir: Path, cfg: RunConfig, plan: DPPlan, state: ServerState)
                 "population": plan.population,
                 "delta": plan.delta,
                 "accountant": "prv",
-                "mode": "client",
+                "mode": plan.mode.value,
             },
         )
     writer = LedgerWriter.open_existing(path)
@@ -279,17 +279,21 @@ def run_federation(
         event="start", rounds=cfg.rounds, resumed_after=state.round, expected_nodes=expected_nodes
     )
     plain = FedRecStrategy(cfg.server, optimizer, seed=cfg.seed)
-    strategy: FedRecStrategy | ClientDPStrategy = plain
+    strategy: FedRecStrategy | ClientDPStrategy | ExampleDPStrategy = plain
     population = n_clients_of(run_dir)
-    plan = plan_privacy(cfg, population)
+    plan = plan_privacy(cfg, population, silo_sizes=client_sizes(run_dir))
     if plan is not None:
         ledger = open_ledger(run_dir, cfg, plan, state)
         history = [
-            MechanismStep(r["effective_noise_multiplier"], plan.sample_rate)
+            MechanismStep(
+                r["ledger"]["effective_noise_multiplier"],
+                r["ledger"]["sample_rate"],
+                r["ledger"]["steps"],
+            )
             for r in state.rounds
-            if r.get("returned", 0) > 0
+            if r["ledger"]["released"]
         ]
-        strategy = ClientDPStrategy(plain, plan, ledger, history=history)
+        strategy = make_dp_strategy(plain, plan, ledger, history=history)
     else:
         logger.warning("privacy.mode = 'off': updates carry no differential privacy")
     plain.node_ids = canonical_order(
@@ -335,7 +339,7 @@ def run_federation(
             "bytes_up": s.bytes_up,
             "bytes_down": s.bytes_down,
         }
-        if isinstance(strategy, ClientDPStrategy):
+        if isinstance(strategy, ClientDPStrategy | ExampleDPStrategy):
             record["epsilon"] = strategy.epsilon
             record["epsilon_rdp"] = strategy.epsilon_rdp
             record["participated"] = s.returned
@@ -372,12 +376,12 @@ def run_federation(
         state.weights = weights
         state.optimizer = optimizer.state_dict()
         state.save(state_path)
-        if isinstance(strategy, ClientDPStrategy):
+        if isinstance(strategy, ClientDPStrategy | ExampleDPStrategy):
             strategy.commit_round()
         out.write_rounds(state.rounds, None)
         out.event(event="round", **record)
     final: dict[str, Any] = {"test": _test_metrics(model_cfg, weights, data)}
-    if isinstance(strategy, ClientDPStrategy):
+    if isinstance(strategy, ClientDPStrategy | ExampleDPStrategy):
         strategy.close()
         final["privacy"] = {
             "epsilon": strategy.epsilon,
@@ -386,6 +390,8 @@ def run_federation(
             "noise_multiplier": strategy.plan.noise_multiplier,
             "clip": strategy.plan.clip,
             "sample_rate": strategy.plan.sample_rate,
+            "steps_per_round": strategy.plan.steps_per_round,
+            "mode": strategy.plan.mode.value,
             "accountant": "prv",
         }
     save_checkpoint(

@@ -211,11 +211,18 @@ def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: 
     )
     assert first.returncode == 0, first.stderr[-2000:]
     from common.rundata import n_clients_of
+    from server.dp import participation_factor
 
     population = n_clients_of(run_dir)
     delta = default_delta(population)
-    eps2 = client_epsilon_after(server_round=2, noise_multiplier=z, sample_rate=q, delta=delta)
-    eps3 = client_epsilon_after(server_round=3, noise_multiplier=z, sample_rate=q, delta=delta)
+    # clients guard their budget with the z planned for a low participant count
+    z_guard = z * participation_factor(population=population, sample_rate=q, quantile=0.025)
+    eps2 = client_epsilon_after(
+        server_round=2, noise_multiplier=z_guard, sample_rate=q, delta=delta
+    )
+    eps3 = client_epsilon_after(
+        server_round=3, noise_multiplier=z_guard, sample_rate=q, delta=delta
+    )
     rounds = _rounds(run_dir)
     assert [r["epsilon"] > 0 for r in rounds] == [True, True, True]
     assert rounds[0]["epsilon"] < rounds[1]["epsilon"] < rounds[2]["epsilon_rdp"] + 1e-9
@@ -261,6 +268,54 @@ def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: 
     r1, r2, r3 = _rounds(run2)
     assert r1["refused"] == 0 and r2["refused"] == 0
     assert r3["refused"] == r3["sampled"] > 0 and r3["returned"] == 0 and not r3["applied"]
+
+
+def test_example_level_dp_silos_run_dpsgd_and_the_ledger_verifies(
+    tmp_path: Path, synth_csv: Path
+) -> None:
+    """Cross-silo DP-SGD: 3 silos, each step Opacus DP-SGD; the ledger bounds every user."""
+    from common.rundata import client_sizes
+    from server.dp import dpsgd_shape
+
+    cfg = _config(tmp_path / "tiny.toml", synth_csv)
+    run_dir = tmp_path / "run"
+    sets = [
+        "data.partition=silos",
+        "data.n_silos=3",
+        "server.sample_rate=1.0",
+        "client.batch_size=8",
+        "client.lr=0.5",
+        "privacy.mode=example",
+        "privacy.target_epsilon=4",
+        "privacy.clip=1.0",
+    ]
+    proc = subprocess.run(
+        [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir)]
+        + [x for s in sets for x in ("--set", s)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sizes = client_sizes(run_dir)
+    q_max = max(dpsgd_shape(n, batch_size=8, epochs=1)[0] for n in sizes)
+    steps_max = max(dpsgd_shape(n, batch_size=8, epochs=1)[1] for n in sizes)
+    lines = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    header, rounds = lines[0], [x for x in lines if x["type"] == "round"]
+    assert header["mode"] == "example" and header["population"] == sum(sizes)
+    assert [r["steps"] for r in rounds] == [steps_max, steps_max]
+    assert all(r["sample_rate"] == pytest.approx(q_max) for r in rounds)
+    assert all(r["participated"] == 3 for r in rounds)
+    final = json.loads((run_dir / "results.json").read_text())["final"]
+    assert 0 < final["privacy"]["epsilon"] <= 4.0
+    assert final["privacy"]["mode"] == "example"
+    audit = subprocess.run(
+        [*FEDREC, "audit", "verify", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 def test_same_seed_same_run(tmp_path: Path, synth_csv: Path) -> None:
