@@ -206,17 +206,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         with console.status("preparing data and clients"):
             n_clients = prepare_run(cfg, run_dir, cache_dir=args.cache_dir)
     console.print(f"{cfg.name}: {n_clients} clients, {cfg.rounds} rounds -> {run_dir}")
+    from common.rundata import client_sizes
     from server.dp import plan_privacy
 
     with console.status("planning the privacy budget"):
         try:
-            plan = plan_privacy(cfg, n_clients)
+            plan = plan_privacy(cfg, n_clients, silo_sizes=client_sizes(run_dir))
         except ValueError as err:
             raise FedrecError(f"privacy: {err}") from None
     if plan is not None:
         console.print(
-            f"client-level DP: clip {plan.clip}, noise multiplier {plan.noise_multiplier:.4g}, "
-            f"q {plan.sample_rate}, delta {plan.delta:.3g}"
+            f"{plan.mode.value}-level DP: clip {plan.clip}, "
+            f"noise multiplier {plan.noise_multiplier:.4g}, "
+            f"q {plan.sample_rate:.4g} x {plan.steps_per_round} steps/round, delta {plan.delta:.3g}"
             + (f", target epsilon {plan.target_epsilon}" if plan.target_epsilon else "")
         )
     else:
@@ -368,6 +370,39 @@ def _cmd_audit_empirical(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- keys, bench
+
+
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    from common.he import ParamSet, init_keys
+
+    params = ParamSet(args.params).params
+    with console.status(f"generating CKKS keys ({params.name})"):
+        files = init_keys(args.out, params=params, force=args.force)
+    out.print(f"fingerprint {files.value}")
+    out.print(f"devices (secret key, keep private): {files.client}")
+    out.print(f"server (no secret key):             {files.server}")
+    return 0
+
+
+def _cmd_bench_he(args: argparse.Namespace) -> int:
+    from common.io import atomic_write_json
+    from simulations.bench_he import BenchHEConfig, render, run_bench, to_json
+
+    try:
+        cfg = BenchHEConfig(values=args.values, updates=args.updates, seed=args.seed)
+    except ValueError as err:
+        raise FedrecError(f"bench he: {err}") from None
+    with console.status(f"encrypting {cfg.updates} x {cfg.values:,} values with each scheme"):
+        result = run_bench(cfg)
+    # rich falls back to 80 columns off a terminal, which wraps every cell of this table
+    (out if out.is_terminal else Console(width=120)).print(render(result))
+    if args.json is not None:
+        atomic_write_json(args.json, to_json(result))
+        out.print(f"wrote {args.json}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 
 
@@ -476,6 +511,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cache-dir", type=Path, default=None)
     p.set_defaults(handler=_cmd_audit_empirical)
+
+    keys = sub.add_parser("keys", help="provision homomorphic-encryption (CKKS) keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    p = ksub.add_parser(
+        "init", help="write client.ctx (secret, devices), server.ctx (public), fingerprint"
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="KEYDIR", help="key folder")
+    p.add_argument("--force", action="store_true", help="replace keys already in KEYDIR")
+    p.add_argument(
+        "--params", default="fedrec", choices=["fedrec", "flare-default"], help="CKKS parameters"
+    )
+    p.set_defaults(handler=_cmd_keys_init)
+
+    bench = sub.add_parser("bench", help="benchmarks that print numbers")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    p = bsub.add_parser("he", help="encrypted aggregation: fedrec vs FLARE default vs plaintext")
+    p.add_argument("--values", type=int, default=200_000, help="values per update")
+    p.add_argument("--updates", type=int, default=10, help="updates summed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write JSON")
+    p.set_defaults(handler=_cmd_bench_he)
 
     p = sub.add_parser("recommend", help="recommend for one history, on this device")
     p.add_argument("--model", required=True, help="path to model.pt")
