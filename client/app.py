@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from client.dp_mod import make_client_dp_mod, refusal
 from client.dpsgd import DPSGDConfig, dpsgd_update
+from client.he_mod import client_keys, decrypt_for_committee, make_client_he_mod
 from client.local import LocalData, LocalUpdate, compute_update, local_metrics, split_local
 from common.privacy import AccountantKind, MechanismStep, compute_epsilon
 from common.runconfig import RunConfig, load_run_config
@@ -60,7 +61,16 @@ def _budget(context: Context) -> float | None:
     return _run_config(str(context.run_config["run-dir"])).privacy.client_budget
 
 
-@app.train(mods=[make_client_dp_mod(_budget)])
+def _keys_dir(context: Context) -> Path:
+    """This client's key folder: node config ``keys`` (a device), else the run's."""
+    if "keys" in context.node_config:
+        return Path(str(context.node_config["keys"]))
+    run_dir = str(context.run_config["run-dir"])
+    return _run_config(run_dir).encryption.keys_dir(Path(run_dir))
+
+
+# The HE mod is outermost: the DP mod clips and noises first, then the update is encrypted.
+@app.train(mods=[make_client_he_mod(_keys_dir), make_client_dp_mod(_budget)])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's rows; reply with the weighted delta."""
     t0 = time.perf_counter()
@@ -160,6 +170,18 @@ def _dpsgd_train(
         "dpsgd-sample-rate": result.sample_rate,
     }
     return update, metrics
+
+
+@app.query("decrypt")
+def decrypt(msg: Message, context: Context) -> Message:
+    """A committee member's turn: decrypt, flood and round the server's encrypted sum."""
+    tamper = 0.0
+    if "partition-id" in context.node_config:  # fault injection exists in simulations only
+        cfg = _run_config(str(context.run_config["run-dir"]))
+        if int(context.node_config["partition-id"]) in cfg.simulation.lying_clients:
+            tamper = 1.0 + int(context.node_config["partition-id"])  # members differ
+    content = decrypt_for_committee(msg, client_keys(str(_keys_dir(context))), tamper=tamper)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

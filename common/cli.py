@@ -201,7 +201,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             )
         cfg = load_run_config(args.config, args.set)
         if args.force and run_dir.exists():
-            for name in ("server_state.pt", "progress.jsonl", "results.json", "rounds.csv"):
+            for name in (
+                "server_state.pt",
+                "progress.jsonl",
+                "results.json",
+                "rounds.csv",
+                "ledger.jsonl",
+            ):
                 (run_dir / name).unlink(missing_ok=True)
         with console.status("preparing data and clients"):
             n_clients = prepare_run(cfg, run_dir, cache_dir=args.cache_dir)

@@ -19,6 +19,7 @@ from common.model import ModelConfig, ModelKind
 __all__ = [
     "ClientConfig",
     "DataConfig",
+    "EncryptionConfig",
     "ModelSection",
     "Partition",
     "PrivacyConfig",
@@ -256,6 +257,27 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """Encrypted aggregation (DESIGN.md, round steps 3-5): CKKS through TenSEAL."""
+
+    enabled: bool = False
+    """Clients send CKKS ciphertexts; the server adds them and a committee decrypts the sum."""
+    keys: str | None = None
+    """Key folder of ``fedrec keys init``; default ``RUN_DIR/keys``, made when missing (a
+    simulation plays the operator). Clients load ``client.ctx``, the server only ``server.ctx``."""
+    committee_size: int = 2
+    """Clients of the round that each decrypt the sum; their outputs must agree (>= 2)."""
+
+    def keys_dir(self, run_dir: Path) -> Path:
+        """The key folder: :attr:`keys`, else ``run_dir/keys``."""
+        return Path(self.keys) if self.keys is not None else Path(run_dir) / "keys"
+
+    def __post_init__(self) -> None:
+        if self.committee_size < 2:
+            raise ValueError(f"encryption.committee_size must be >= 2, got {self.committee_size}")
+
+
+@dataclass(frozen=True)
 class SimulationSection:
     """Flower simulation engine resources."""
 
@@ -265,6 +287,8 @@ class SimulationSection:
     """Cap the population (take the first N clients); for quick runs."""
     fail_clients: tuple[int, ...] = ()
     """Fault injection: these client ids raise an error whenever asked to train."""
+    lying_clients: tuple[int, ...] = ()
+    """Fault injection: these client ids return a wrong decryption when on the committee."""
 
 
 @dataclass(frozen=True)
@@ -288,6 +312,7 @@ class RunConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 
 from common.checkpoint import Checkpoint, save_checkpoint
 from common.config import to_dict
+from common.he import load_server_context
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.ledger import LedgerWriter, read_ledger
 from common.metrics import evaluate
@@ -32,8 +33,10 @@ from common.model import ModelConfig, anneal_beta, build_model
 from common.privacy import MechanismStep
 from common.runconfig import RunConfig
 from common.rundata import EvalData, client_sizes, load_eval_data, n_clients_of
+from common.runinfo import run_info_config
 from common.training import score_users
 from server.dp import ClientDPStrategy, DPPlan, ExampleDPStrategy, make_dp_strategy, plan_privacy
+from server.he import CommitteeSum
 from server.optimizer import cosine_lr_scale, make_server_optimizer
 from server.strategy import FedRecStrategy
 
@@ -296,6 +299,16 @@ def run_federation(
         strategy = make_dp_strategy(plain, plan, ledger, history=history)
     else:
         logger.warning("privacy.mode = 'off': updates carry no differential privacy")
+    if cfg.encryption.enabled:
+        plain.summer = CommitteeSum(
+            load_server_context(cfg.encryption.keys_dir(run_dir)),
+            grid,
+            committee_size=cfg.encryption.committee_size,
+            timeout=cfg.server.round_timeout,
+            seed=cfg.seed,
+        )
+    else:
+        logger.warning("encryption.enabled = false: the server sees each client's update")
     plain.node_ids = canonical_order(
         wait_for_nodes(
             grid,
@@ -309,6 +322,8 @@ def run_federation(
     strategy.summary()
     out.event(event="nodes", registered=len(plain.node_ids))
     weights = state.weights
+    # Devices cannot read the run folder: messages carry the config and catalogue (public)
+    run_info = {} if simulated else run_info_config(cfg, data.item_ids)
     for rnd in range(state.round + 1, cfg.rounds + 1):
         start = time.perf_counter()
         beta = anneal_beta(rnd, cap=cfg.model.beta_cap, total_steps=cfg.model.anneal_steps)
@@ -316,7 +331,7 @@ def run_federation(
             rnd, rounds=cfg.rounds, final_fraction=cfg.server.lr_final_fraction
         )
         arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in weights.items()})
-        config = ConfigRecord({"server-round": rnd, "beta": beta})
+        config = ConfigRecord({"server-round": rnd, "beta": beta, **run_info})
         replies = grid.send_and_receive(
             strategy.configure_train(rnd, arrays, config, grid),
             timeout=cfg.server.round_timeout,
@@ -347,6 +362,10 @@ def run_federation(
             record["ledger"] = strategy.pending
         for key, total in s.client_seconds.items():
             record[key.replace("-", "_")] = round(total / max(s.returned, 1), 6)
+        for key, value in s.server_seconds.items():
+            record[key.replace("-", "_")] = round(value, 6)
+        if cfg.encryption.enabled:
+            record["discarded"] = s.discarded
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             test = _test_metrics(model_cfg, weights, data)
             record["ndcg@100"], record["recall@20"] = test["ndcg@100"], test["recall@20"]
@@ -354,7 +373,7 @@ def run_federation(
             client_eval = strategy.aggregate_evaluate(
                 rnd,
                 grid.send_and_receive(
-                    strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(), grid),
+                    strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(run_info), grid),
                     timeout=cfg.server.round_timeout,
                 ),
             )

@@ -13,8 +13,9 @@ checkpoints, resumes, waits for node registration and reports progress.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from flwr.app import (
@@ -33,7 +34,15 @@ from flwr.supercore.inflatable.inflatable_object import InflatableObject
 from common.runconfig import Sampling, ServerConfig
 from server.optimizer import ServerOpt
 
-__all__ = ["FedRecStrategy", "RoundStats", "sample_cohort", "wire_bytes"]
+__all__ = [
+    "FedRecStrategy",
+    "PlainSum",
+    "RoundStats",
+    "UpdateSum",
+    "apply_sum_inplace",
+    "sample_cohort",
+    "wire_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +107,95 @@ def sample_cohort(
     return [ids[int(i)] for i in picked]
 
 
+def apply_sum_inplace(
+    weights: dict[str, np.ndarray],
+    total: Mapping[str, np.ndarray],
+    *,
+    denominator: float,
+    optimizer: ServerOpt,
+    lr_scale: float,
+) -> None:
+    """Move ``weights`` (in place) by the optimizer along ``total / denominator``.
+
+    ``total`` is the float64 sum of the returned (pre-weighted) updates; the average is taken
+    in float64 and cast to float32, then applied with the round's learning-rate factor. Shared
+    by :class:`FedRecStrategy` and the in-process engine (:mod:`simulations.fastsim`).
+    """
+    delta = {k: (v / denominator).astype(np.float32) for k, v in total.items()}
+    optimizer.step_inplace(weights, delta, lr_scale=lr_scale)
+
+
+class UpdateSum(Protocol):
+    """How a round's returned updates are added up: in plaintext (:class:`PlainSum`) or as
+    ciphertexts with committee decryption (:class:`server.he.EncryptedSum`)."""
+
+    def announce(self, config: ConfigRecord) -> None:
+        """Add what clients must know (e.g. the key fingerprint) to the train config."""
+
+    def begin(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
+        """Start a round's sum; ``global_arrays`` is the model the clients received."""
+
+    def add(self, msg: Message) -> str | None:
+        """Add one reply's update; ``None`` when added, else why it was left out."""
+
+    def total(self) -> dict[str, np.ndarray] | None:
+        """The float64 sum of what was added, or ``None`` when it cannot be released."""
+
+    def why_not(self) -> str:
+        """Why :meth:`total` returned ``None``."""
+
+    def timings(self) -> dict[str, float]:
+        """Seconds the server side of the sum took this round, by name."""
+
+
+class PlainSum:
+    """Adds plaintext updates (``arrays`` record) in float64 after checking names and shapes."""
+
+    def __init__(self) -> None:
+        self._expected: dict[str, tuple[int, ...]] = {}
+        self._total: dict[str, np.ndarray] | None = None
+
+    def announce(self, config: ConfigRecord) -> None:
+        """Nothing to announce."""
+
+    def begin(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
+        """Forget the last round's sum."""
+        self._expected = {k: v.shape for k, v in global_arrays.items()}
+        self._total = None
+
+    def add(self, msg: Message) -> str | None:
+        """Check the reply's arrays (names, shapes, finite) and add them."""
+        record = msg.content.array_records.get(ARRAYS_KEY)
+        if record is None:
+            return "reply has no arrays"
+        update = _to_numpy(record)
+        if set(update) != set(self._expected):
+            return "wrong array names"
+        for k, v in update.items():
+            if v.shape != self._expected[k]:
+                return f"array {k} has shape {v.shape}, expected {self._expected[k]}"
+            if not np.all(np.isfinite(v)):
+                return f"array {k} is not finite"
+        if self._total is None:
+            self._total = {k: v.astype(np.float64, copy=True) for k, v in update.items()}
+        else:
+            for k, v in update.items():
+                self._total[k] += v
+        return None
+
+    def total(self) -> dict[str, np.ndarray] | None:
+        """The sum (``None`` only when nothing was added)."""
+        return self._total
+
+    def why_not(self) -> str:
+        """Only an empty round has no sum."""
+        return "no update was added"
+
+    def timings(self) -> dict[str, float]:
+        """Plain sums are not timed separately."""
+        return {}
+
+
 @dataclass
 class RoundStats:
     """What one round's training exchange produced, for the log, the ledger and results."""
@@ -110,8 +208,12 @@ class RoundStats:
     bytes_down: int = 0
     bytes_up: int = 0
     applied: bool = False
+    discarded: bool = False
+    """The sum could not be released (e.g. the decryption committee disagreed)."""
     reasons: list[str] = field(default_factory=list)
     client_seconds: dict[str, float] = field(default_factory=dict)
+    server_seconds: dict[str, float] = field(default_factory=dict)
+    """Server-side cost of the sum by name (``he-aggregate-seconds``, ``he-decrypt-seconds``)."""
 
 
 class FedRecStrategy(Strategy):
@@ -139,6 +241,8 @@ class FedRecStrategy(Strategy):
         """With DP, clients pre-scale by 1/m: the server then sums without dividing."""
         self.lr_scale = 1.0
         """Factor of the server learning rate for the current round (set by the round loop)."""
+        self.summer: UpdateSum = PlainSum()
+        """How updates are added: plaintext, or ciphertexts (set by the encryption layer)."""
         self._global: dict[str, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------- training
@@ -150,6 +254,7 @@ class FedRecStrategy(Strategy):
         rng = np.random.default_rng([self.seed, server_round])
         cohort = sample_cohort(self.node_ids or sorted(grid.get_node_ids()), self.server, rng)
         self._global = {k: np.array(v, copy=True) for k, v in _to_numpy(arrays).items()}
+        self.summer.announce(config)
         content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
         per_message = wire_bytes(content)
         self.last = RoundStats(invited=len(cohort), bytes_down=per_message * len(cohort))
@@ -177,7 +282,7 @@ class FedRecStrategy(Strategy):
             replies, key=lambda m: (rank.get(m.metadata.src_node_id, -1), m.metadata.src_node_id)
         )
         stats.dropped = stats.invited - len(replies)
-        total: dict[str, np.ndarray] | None = None
+        self.summer.begin(server_round, self._global)
         weight = 0.0
         seconds: dict[str, float] = {}
         for msg in replies:
@@ -187,28 +292,28 @@ class FedRecStrategy(Strategy):
                 stats.reasons.append(f"node {msg.metadata.src_node_id}: {reason[:200]}")
                 continue
             stats.bytes_up += wire_bytes(msg.content)
-            parsed = self._parse_update(msg)
-            if isinstance(parsed, str):
-                stats.failed += 1
-                stats.reasons.append(f"node {msg.metadata.src_node_id}: {parsed}")
-                continue
-            update, metrics = parsed
-            if metrics.get("refused"):
+            metrics = msg.content.metric_records.get(METRICS_KEY)
+            problem = None
+            if metrics is None or (WEIGHT_KEY not in metrics and not metrics.get("refused")):
+                problem = "reply has no metrics/weight"
+            elif metrics.get("refused"):
                 stats.refused += 1
                 continue
+            else:
+                problem = self.summer.add(msg)
+            if problem is not None:
+                stats.failed += 1
+                stats.reasons.append(f"node {msg.metadata.src_node_id}: {problem}")
+                continue
+            assert metrics is not None
             stats.returned += 1
             weight += float(metrics[WEIGHT_KEY])  # type: ignore[arg-type]
             for key, value in metrics.items():
                 if key.endswith("-seconds") and isinstance(value, int | float):
                     seconds[key] = seconds.get(key, 0.0) + float(value)
-            if total is None:
-                total = {k: v.astype(np.float64, copy=True) for k, v in update.items()}
-            else:
-                for k, v in update.items():
-                    total[k] += v
         stats.client_seconds = seconds
         denominator = 1.0 if self.fixed_denominator else weight
-        if total is None or stats.returned < self.server.min_clients or denominator <= 0:
+        if stats.returned < self.server.min_clients or stats.returned == 0 or denominator <= 0:
             logger.warning(
                 "round %d: %d of %d invited returned (minimum %d); nothing applied",
                 server_round,
@@ -217,30 +322,22 @@ class FedRecStrategy(Strategy):
                 self.server.min_clients,
             )
             return None, None
-        delta = {k: (v / denominator).astype(np.float32) for k, v in total.items()}
-        self.optimizer.step_inplace(self._global, delta, lr_scale=self.lr_scale)
+        total = self.summer.total()
+        stats.server_seconds = self.summer.timings()
+        if total is None:
+            stats.discarded = True
+            stats.reasons.append(f"sum discarded: {self.summer.why_not()}")
+            logger.warning("round %d: %s; nothing applied", server_round, self.summer.why_not())
+            return None, None
+        apply_sum_inplace(
+            self._global,
+            total,
+            denominator=denominator,
+            optimizer=self.optimizer,
+            lr_scale=self.lr_scale,
+        )
         stats.applied = True
         return _from_numpy(self._global), MetricRecord({"returned": stats.returned})
-
-    def _parse_update(self, msg: Message) -> tuple[dict[str, np.ndarray], MetricRecord] | str:
-        """The update and metrics of a reply, or why the reply cannot be used."""
-        metrics = msg.content.metric_records.get(METRICS_KEY)
-        if metrics is None or (WEIGHT_KEY not in metrics and not metrics.get("refused")):
-            return "reply has no metrics/weight"
-        if metrics.get("refused"):
-            return {}, metrics
-        record = msg.content.array_records.get(ARRAYS_KEY)
-        if record is None:
-            return "reply has no arrays"
-        update = _to_numpy(record)
-        if set(update) != set(self._global):
-            return "wrong array names"
-        for k, v in update.items():
-            if v.shape != self._global[k].shape:
-                return f"array {k} has shape {v.shape}, expected {self._global[k].shape}"
-            if not np.all(np.isfinite(v)):
-                return f"array {k} is not finite"
-        return update, metrics
 
     # --------------------------------------------------------------------------- evaluation
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedrecError
+from common.he import ParamSet, init_keys
 from common.io import atomic_write_json
 from common.runconfig import RunConfig, load_run_config
 from common.rundata import write_run_folder
@@ -45,8 +46,21 @@ class SimulationOutcome:
 
 
 def prepare_run(cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None) -> int:
-    """Write ``config.toml`` and ``data/`` into ``run_dir``; returns the number of clients."""
-    return write_run_folder(cfg, run_dir, cache_dir=cache_dir).n_clients
+    """Write ``config.toml`` and ``data/`` into ``run_dir``; returns the number of clients.
+
+    An encrypted run without a key folder gets one in ``run_dir/keys`` (the simulation plays
+    the operator's ``fedrec keys init``); a named key folder must already exist.
+    """
+    n_clients = write_run_folder(cfg, run_dir, cache_dir=cache_dir).n_clients
+    if cfg.encryption.enabled:
+        keydir = cfg.encryption.keys_dir(run_dir)
+        if cfg.encryption.keys is None and not (keydir / "client.ctx").exists():
+            init_keys(keydir, params=ParamSet.FEDREC.params)
+        elif not (keydir / "server.ctx").exists():
+            raise FedrecError(
+                f"encryption.keys: {keydir} holds no keys; run `fedrec keys init --out {keydir}`"
+            )
+    return n_clients
 
 
 def resume_config(run_dir: Path) -> RunConfig:

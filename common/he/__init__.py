@@ -39,7 +39,11 @@ from common.he.release import (
     rounding_step,
 )
 from common.he.wire import (
+    DECRYPT_MESSAGE_TYPE,
     FORMAT_VERSION,
+    HE_FINGERPRINT_KEY,
+    HE_RECORD_KEY,
+    HE_SUM_KEY,
     CiphertextRejectedError,
     EncryptedSum,
     EncryptedUpdate,
@@ -56,7 +60,11 @@ from common.he.wire import (
 )
 
 __all__ = [
+    "DECRYPT_MESSAGE_TYPE",
     "FORMAT_VERSION",
+    "HE_FINGERPRINT_KEY",
+    "HE_RECORD_KEY",
+    "HE_SUM_KEY",
     "MAX_COEFF_BITS_128",
     "CiphertextRejectedError",
     "ClientKeys",

@@ -384,3 +384,14 @@ def _field(record: Mapping[str, object], key: str, kind: type[_T]) -> _T:
             RejectReason.MALFORMED, f"{key!r} must be {kind.__name__}, got {type(value).__name__}"
         )
     return value
+
+
+# Names the Flower messages of an encrypted round use (server.he and client.he_mod agree on them)
+HE_RECORD_KEY = "he"
+"""Config record of a client's reply that carries its encrypted update."""
+HE_SUM_KEY = "he-sum"
+"""Config record of a committee request that carries the encrypted sum."""
+HE_FINGERPRINT_KEY = "he-fingerprint"
+"""Train-config key announcing the key pair the server expects."""
+DECRYPT_MESSAGE_TYPE = "query.decrypt"
+"""Message type of a committee request (a Flower query with action ``decrypt``)."""

@@ -318,6 +318,29 @@ def test_example_level_dp_silos_run_dpsgd_and_the_ledger_verifies(
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
+def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, synth_csv: Path) -> None:
+    """HE on vs off, same seed, DP off: only the CKKS and flooding error separates them."""
+    cfg = _config(tmp_path / "tiny.toml", synth_csv)
+    finals = {}
+    for name, enabled in (("he", "true"), ("plain", "false")):
+        run_dir = tmp_path / name
+        proc = subprocess.run(
+            [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir)]
+            + ["--set", f"encryption.enabled={enabled}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        finals[name] = json.loads((run_dir / "results.json").read_text())["final"]["test"]
+    rounds = _rounds(tmp_path / "he")
+    assert all(r["applied"] and not r["discarded"] for r in rounds)
+    assert all(r["he_encrypt_seconds"] > 0 and r["he_decrypt_seconds"] > 0 for r in rounds)
+    keys = tmp_path / "he" / "keys"
+    assert {p.name for p in keys.iterdir()} >= {"client.ctx", "server.ctx", "fingerprint"}
+    assert abs(finals["he"]["ndcg@100"] - finals["plain"]["ndcg@100"]) < 0.005
+
+
 def test_same_seed_same_run(tmp_path: Path, synth_csv: Path) -> None:
     """Flower's node ids are random per run; fedrec's sampling and sums must not depend on them."""
     cfg = _config(tmp_path / "tiny.toml", synth_csv)
