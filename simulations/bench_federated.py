@@ -7,7 +7,7 @@ the last) and prints, from the run's own per-round records:
 - the per-update split measured inside the ClientApp: deserialize, train, serialize;
 - the same update computed in-process without Flower, as the ceiling on one core.
 
-    python -m simulations.bench_federated --config simulations/configs/ml100k.toml --rounds 8
+    python -m simulations.bench_federated --config simulations/configs/ml100k-plain.toml --rounds 8
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def in_process_updates(run_dir: Path, n: int) -> float:
 def main() -> None:
     """Run the benchmark and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path("simulations/configs/ml100k.toml"))
+    parser.add_argument(
+        "--config", type=Path, default=Path("simulations/configs/ml100k-plain.toml")
+    )
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: temporary)")

@@ -5,8 +5,18 @@ epsilon (delta = 1/N^1.1 by default), plus one run with DP off (epsilon = inf) a
 popularity baseline on the same split for reference. Writes ``OUT/sweep.json``, ``OUT/sweep.csv``
 and ``OUT/privacy_utility.png``::
 
-    python -m simulations.sweep_privacy --config simulations/configs/ml100k.toml \\
+    python -m simulations.sweep_privacy --config simulations/configs/ml100k-plain.toml \\
         --epsilons 1 2 4 8 inf --out runs/sweep-ml100k --set rounds=60
+
+With ``--populations N ...`` (or ``--engine inprocess``) the sweep runs every epsilon for each
+population size (the first N clients of the partition) and draws one line per population
+(:mod:`simulations.sweep_scale`). ``--engine inprocess`` computes the points with the in-process
+engine (:mod:`simulations.fastsim`: the same per-round algorithm as a Flower run, without
+Flower; the outputs say ``"engine": "inprocess"``), which affords 100,000 clients::
+
+    python -m simulations.sweep_privacy --config simulations/configs/synthetic-scale.toml \\
+        --engine inprocess --populations 1000 10000 100000 --epsilons 1 2 4 8 inf \\
+        --set rounds=100 --set server.sample_rate=0.01 --out runs/sweep-scale
 """
 
 from __future__ import annotations
@@ -98,12 +108,46 @@ def plot(points: list[dict[str, Any]], popularity: float, title: str, path: Path
 def main() -> None:
     """Run the sweep and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path("simulations/configs/ml100k.toml"))
+    parser.add_argument(
+        "--config", type=Path, default=Path("simulations/configs/ml100k-plain.toml")
+    )
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8, math.inf])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    parser.add_argument(
+        "--engine",
+        choices=["flower", "inprocess"],
+        default="flower",
+        help="run each point with fedrec simulate (flower) or simulations.fastsim (inprocess)",
+    )
+    parser.add_argument(
+        "--populations",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="population sizes (first N clients); one line per population",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (inprocess)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.engine == "inprocess" or args.populations:
+        from simulations.sweep_scale import run_scale_sweep
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        run_scale_sweep(
+            config=args.config,
+            sets=args.set,
+            epsilons=args.epsilons,
+            populations=args.populations or [None],
+            engine=args.engine,
+            out=args.out,
+            flower_point=_run_point,
+        )
+        return
     cfg = load_run_config(args.config, args.set)
     points = []
     for eps in args.epsilons:

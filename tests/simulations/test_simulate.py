@@ -324,9 +324,9 @@ def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, synth_csv: Path
     finals = {}
     for name, enabled in (("he", "true"), ("plain", "false")):
         run_dir = tmp_path / name
+        he = f"encryption.enabled={enabled}"
         proc = subprocess.run(
-            [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir)]
-            + ["--set", f"encryption.enabled={enabled}"],
+            [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir), "--set", he],
             capture_output=True,
             text=True,
             timeout=300,

@@ -1,0 +1,222 @@
+"""The in-process engine runs the rounds a Flower run of fedrec runs (tiny synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.dp_mod import privatize_update
+from client.local import compute_update
+from common.audit import AuditStatus, verify_ledger
+from common.data import synthesize
+from common.model import build_model
+from common.runconfig import RunConfig, load_run_config
+from common.rundata import n_clients_of, write_run_folder
+from server.strategy import sample_cohort
+from simulations.cohort_batch import client_train_rows, cohort_update_sum
+from simulations.fastsim import ClientEngine, _local_data, _split_seed, _train_seed, run_inprocess
+
+FEDREC = [sys.executable, "-m", "common.cli"]
+METRICS = ("ndcg@100", "recall@20", "recall@50", "coverage@20")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny per-user run config (the one of tests/simulations/test_simulate.py)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    csv = synthesize(60, 40, seed=3, out_dir=folder)
+    path = folder / "tiny.toml"
+    path.write_text(
+        "\n".join(
+            [
+                'name = "tiny"',
+                "rounds = 3",
+                "eval_every = 1",
+                "reference = false",
+                "[data]",
+                f'dataset = "{csv}"',
+                "n_heldout_users = 8",
+                "[model]",
+                "dims = [16, 8]",
+                "[server]",
+                "sample_rate = 0.5",
+                "lr = 0.01",
+                "round_timeout = 120",
+            ]
+        )
+        + "\n"
+    )
+    return path
+
+
+def _prepared(tiny: Path, run_dir: Path, sets: list[str] | None = None) -> RunConfig:
+    cfg = load_run_config(tiny, sets or [])
+    write_run_folder(cfg, run_dir)
+    return cfg
+
+
+def test_batched_rows_are_split_locals_training_rows(tiny: Path, tmp_path: Path) -> None:
+    cfg = _prepared(tiny, tmp_path)
+    clients = list(range(n_clients_of(tmp_path)))
+    fraction = cfg.data.client_holdout_fraction
+
+    rows = client_train_rows(
+        tmp_path, clients, fraction=fraction, split_seeds=[_split_seed(cfg, c) for c in clients]
+    )
+
+    for c in clients:
+        local = _local_data(str(tmp_path), c, fraction, _split_seed(cfg, c))
+        assert sorted(rows[c].indices) == sorted(local.train.indices), c
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_cohort_sum_equals_the_sum_of_compute_updates(
+    tiny: Path, tmp_path: Path, clip: float | None
+) -> None:
+    """Batched one-step SGD (with ghost-norm clipping) == per-client compute_update (+ clip)."""
+    cfg = _prepared(tiny, tmp_path, ["client.lr=0.5"])
+    model_cfg = cfg.model.to_model_config(40)
+    init = build_model(model_cfg, generator=torch.Generator().manual_seed(1))
+    weights = {k: v.detach().numpy().copy() for k, v in init.state_dict().items()}
+    cohort = [0, 3, 4, 9, 17, 30]
+    seeds = [_train_seed(cfg, 5, c) for c in cohort]
+    fraction = cfg.data.client_holdout_fraction
+    expected = {k: np.zeros(v.shape) for k, v in weights.items()}
+    state = {k: torch.from_numpy(v) for k, v in weights.items()}
+    for c, seed in zip(cohort, seeds, strict=True):
+        local = _local_data(str(tmp_path), c, fraction, _split_seed(cfg, c))
+        update = compute_update(
+            state, local, model_config=model_cfg, client=cfg.client, beta=0.1, seed=seed
+        )
+        private = privatize_update(
+            update.delta,
+            weight=update.weight,
+            clip=clip or 1e9,
+            noise_std=0.0,
+            denominator=1.0,
+            rng=np.random.default_rng(0),
+        )
+        for k in expected:
+            expected[k] += private[k]
+
+    rows = client_train_rows(
+        tmp_path, cohort, fraction=fraction, split_seeds=[_split_seed(cfg, c) for c in cohort]
+    )
+    total, norms = cohort_update_sum(
+        weights, model_cfg, rows, seeds, beta=0.1, lr=cfg.client.lr, clip=clip
+    )
+
+    if clip is not None:
+        assert np.all(norms > clip)  # every client was clipped: the clip path is exercised
+    for k in expected:
+        np.testing.assert_allclose(total[k], expected[k], atol=2e-6, rtol=1e-4, err_msg=k)
+
+
+def test_exact_and_batched_engines_agree_without_dp(tiny: Path, tmp_path: Path) -> None:
+    cfg = _prepared(tiny, tmp_path)
+
+    exact = run_inprocess(cfg, tmp_path, out=tmp_path / "exact", engine=ClientEngine.EXACT)
+    batched = run_inprocess(cfg, tmp_path, out=tmp_path / "batched", engine=ClientEngine.AUTO)
+
+    assert batched.client_engine is ClientEngine.BATCHED
+    assert [r["sampled"] for r in exact.rounds] == [r["sampled"] for r in batched.rounds]
+    for k in METRICS:
+        assert batched.final["test"][k] == pytest.approx(exact.final["test"][k], abs=1e-4)
+    saved = json.loads((tmp_path / "batched" / "results.json").read_text())
+    assert saved["engine"] == "inprocess" and saved["client_engine"] == "batched"
+
+
+def test_dp_run_stays_within_target_and_its_ledger_verifies(tiny: Path, tmp_path: Path) -> None:
+    cfg = _prepared(tiny, tmp_path, ["privacy.mode=client", "privacy.target_epsilon=4"])
+
+    result = run_inprocess(cfg, tmp_path, noise_seed=0)
+
+    privacy = result.final["privacy"]
+    assert 0 < privacy["epsilon"] <= 4.0
+    assert privacy["epsilon"] <= privacy["epsilon_rdp"]
+    assert privacy["delta"] == pytest.approx(n_clients_of(tmp_path) ** -1.1)
+    participated = [r["participated"] for r in result.rounds]
+    assert participated == [r["sampled"] for r in result.rounds]
+    report = verify_ledger(tmp_path, budget=4.0)
+    assert report.status is AuditStatus.VERIFIED, report.reason
+
+
+@pytest.mark.slow
+def test_inprocess_reproduces_a_flower_run_without_dp(tiny: Path, tmp_path: Path) -> None:
+    """Same seed, DP off: the same cohorts and the same test metrics as ``fedrec simulate``.
+
+    Flower's records name how many clients a round sampled, not which: the cohorts are
+    compared by size, and by the metrics after every round, which any different cohort would
+    change. The in-process cohorts are also checked against the strategy's own sampler.
+    """
+    run_dir = tmp_path / "flower"
+    proc = subprocess.run(
+        [*FEDREC, "simulate", "--config", str(tiny), "--out", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    flower = json.loads((run_dir / "results.json").read_text())
+    cfg = load_run_config(run_dir / "config.toml")
+    population = n_clients_of(run_dir)
+
+    for engine in (ClientEngine.EXACT, ClientEngine.BATCHED):
+        ours = run_inprocess(cfg, run_dir, out=tmp_path / engine.value, engine=engine)
+
+        for theirs, mine in zip(flower["rounds"], ours.rounds, strict=True):
+            cohort = sample_cohort(
+                list(range(population)),
+                cfg.server,
+                np.random.default_rng([cfg.seed, mine["round"]]),
+            )
+            assert mine["sampled"] == theirs["sampled"] == len(cohort)
+            assert mine["returned"] == theirs["returned"]
+            assert mine["ndcg@100"] == pytest.approx(theirs["ndcg@100"], abs=1e-4)
+        for k in METRICS:
+            assert ours.final["test"][k] == pytest.approx(flower["final"]["test"][k], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_population_sweep_runs_at_a_tiny_size(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.sweep_privacy",
+            "--config",
+            str(tiny),
+            "--engine",
+            "inprocess",
+            "--populations",
+            "20",
+            "40",
+            "--epsilons",
+            "4",
+            "inf",
+            "--set",
+            "rounds=2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["engine"] == "inprocess"
+    assert [p["population"] for p in sweep["populations"]] == [20, 40]
+    for pop in sweep["populations"]:
+        assert [pt["target_epsilon"] for pt in pop["points"]] == [4, None]
+        assert 0 < pop["points"][0]["epsilon"] <= 4
+        assert 0 <= pop["popularity_ndcg@100"] <= 1
+    assert (out / "sweep.csv").read_text().count("\n") == 5
+    assert (out / "privacy_utility.png").stat().st_size > 0
