@@ -21,10 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.dp_mod import make_client_dp_mod, refusal
-from client.dpsgd import DPSGDConfig, dpsgd_update
 from client.he_mod import client_keys, decrypt_for_committee, make_client_he_mod
 from client.local import LocalData, LocalUpdate, compute_update, local_metrics, split_local
-from common.privacy import AccountantKind, MechanismStep, compute_epsilon
+from client.store import device_client_id, device_mod, device_run_config, is_device, local_data_for
 from common.runconfig import RunConfig, load_run_config
 from common.rundata import load_client_shard
 
@@ -32,7 +31,7 @@ __all__ = ["app"]
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp()
+app = ClientApp(mods=[device_mod])  # outermost: a device's run info and ledger (client.store)
 
 
 @lru_cache(maxsize=2)
@@ -47,6 +46,8 @@ def _local_data(run_dir: str, client_id: int, fraction: float, seed: int) -> Loc
 
 
 def _context(context: Context) -> tuple[RunConfig, int, LocalData]:
+    if is_device(context):  # its own history file (fedrec client join)
+        return device_run_config(context), device_client_id(context), local_data_for(context)
     run_dir = str(context.run_config["run-dir"])
     cfg = _run_config(run_dir)
     client_id = int(context.node_config["partition-id"])
@@ -58,6 +59,8 @@ def _budget(context: Context) -> float | None:
     """This client's own epsilon budget: node config ``budget`` (a device), else the run's."""
     if "budget" in context.node_config:
         return float(context.node_config["budget"])
+    if is_device(context):
+        return device_run_config(context).privacy.client_budget
     return _run_config(str(context.run_config["run-dir"])).privacy.client_budget
 
 
@@ -129,6 +132,9 @@ def _dpsgd_train(
     rounds it trained (rounds it sat out cost them nothing). The update is weighted by the
     silo's user count, like the plain path, so the server's mean is unchanged in form.
     """
+    from client.dpsgd import DPSGDConfig, dpsgd_update  # Opacus: seconds to import
+    from common.privacy import AccountantKind, MechanismStep, compute_epsilon
+
     z = float(config["dpsgd-noise-multiplier"])  # type: ignore[arg-type]
     dp_cfg = DPSGDConfig(
         noise_multiplier=z,

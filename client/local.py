@@ -19,7 +19,7 @@ from common.model import ModelConfig, build_model
 from common.runconfig import ClientConfig
 from common.training import score_users, train_epochs
 
-__all__ = ["LocalData", "LocalUpdate", "compute_update", "local_metrics", "split_local"]
+__all__ = ["LocalData", "LocalUpdate", "PlainSGD", "compute_update", "local_metrics", "split_local"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,35 @@ class LocalUpdate:
 _MODELS: dict[str, nn.Module] = {}
 
 
+class PlainSGD:
+    """``w <- w - lr * grad``: ``torch.optim.SGD`` without momentum, minus its first-use cost.
+
+    Making any ``torch.optim`` optimizer imports ``torch._dynamo`` the first time
+    (``torch/_compile.py``: 1.5 s on an idle core, 3 s on busy ones), and a deployed device
+    pays it in every train message, as Flower runs each message in a fresh process. The
+    update is the same arithmetic as ``torch.optim.SGD``'s single-tensor path.
+    """
+
+    def __init__(self, params: list[nn.Parameter], *, lr: float) -> None:
+        self.params = params
+        self.lr = lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop (or zero) the gradients."""
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One plain gradient step."""
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.lr)
+
+
 def model_for(config: ModelConfig) -> nn.Module:
     """A model of ``config``'s shape, built once per process (weights are always overwritten)."""
     key = repr(sorted(config.to_dict().items()))
@@ -100,11 +129,11 @@ def compute_update(
     model = model_for(model_config)
     model.load_state_dict(global_state)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | PlainSGD
     if client.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=client.lr)
     else:
-        optimizer = torch.optim.SGD(params, lr=client.lr)
+        optimizer = PlainSGD(params, lr=client.lr)
     start = time.perf_counter()
     stats = train_epochs(
         model,

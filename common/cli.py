@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from common.cli_deploy import add_client_commands, add_deploy_commands
 from common.errors import FedrecError
 
 __all__ = ["main"]
@@ -545,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_recommend)
+
+    add_deploy_commands(sub)  # fedrec deploy ..., fedrec client join (common/cli_deploy.py)
+    add_client_commands(sub)
     return parser
 
 

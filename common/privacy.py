@@ -24,16 +24,18 @@ every float (NaN passes ``x <= 0``), ``epsilon > 0``, ``0 < delta < 1``, ``clip 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
+
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
 
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
@@ -140,31 +142,40 @@ class _GridTooLargeError(ValueError):
     """The PRV grid for this history exceeds :data:`PRV_MAX_GRID_POINTS` (epsilon is huge)."""
 
 
-class _BoundedPRVAccountant(PRVAccountant):
+@functools.cache
+def _bounded_prv_accountant() -> type[IAccountant]:
     """Opacus ``PRVAccountant`` that refuses, before allocating it, a grid it cannot afford.
 
     Without the check, z=0.3, q=0.5 over 10,000 rounds asks for about 2e9 points and the process is
     killed for memory. Hooks the private ``_get_domain`` of Opacus 1.6; the test with a huge
-    epsilon fails if a later Opacus stops calling it.
+    epsilon fails if a later Opacus stops calling it. Made on first use: importing Opacus takes
+    seconds, and a device's ClientApp (a fresh process per message) only clips and noises
+    unless it guards a budget.
     """
+    from opacus.accountants import PRVAccountant
 
-    def _get_domain(self, *args: Any, **kwargs: Any) -> Any:
-        domain = super()._get_domain(*args, **kwargs)
-        if domain.size > PRV_MAX_GRID_POINTS:
-            raise _GridTooLargeError(
-                f"PRV accountant would need {domain.size:,} grid points "
-                f"(limit {PRV_MAX_GRID_POINTS:,}): epsilon is far beyond any useful budget; "
-                "use AccountantKind.RDP for such histories"
-            )
-        return domain
+    class _BoundedPRVAccountant(PRVAccountant):
+        def _get_domain(self, *args: Any, **kwargs: Any) -> Any:
+            domain = super()._get_domain(*args, **kwargs)
+            if domain.size > PRV_MAX_GRID_POINTS:
+                raise _GridTooLargeError(
+                    f"PRV accountant would need {domain.size:,} grid points "
+                    f"(limit {PRV_MAX_GRID_POINTS:,}): epsilon is far beyond any useful budget; "
+                    "use AccountantKind.RDP for such histories"
+                )
+            return domain
+
+    return _BoundedPRVAccountant
 
 
 def _new_accountant(kind: AccountantKind) -> IAccountant:
+    from opacus.accountants import RDPAccountant
+
     match kind:
         case AccountantKind.RDP:
             return RDPAccountant()
         case AccountantKind.PRV:
-            return _BoundedPRVAccountant()
+            return _bounded_prv_accountant()()
 
 
 def compute_epsilon(

@@ -33,6 +33,7 @@ __all__ = [
     "ClientShard",
     "EvalData",
     "PreparedRun",
+    "drop_client_rows",
     "load_client_shard",
     "load_eval_data",
     "n_clients_of",
@@ -203,6 +204,21 @@ def n_clients_of(run_dir: Path) -> int:
     """How many clients the prepared partition has."""
     _, offsets, _, _ = _client_arrays(str(Path(run_dir) / "data" / "clients.npz"))
     return len(offsets) - 1
+
+
+def drop_client_rows(run_dir: Path) -> None:
+    """Empty the training rows of ``clients.npz``, keeping the partition's sizes.
+
+    For a deployment: devices read their own histories, and the server keeps only the public
+    metadata it plans privacy with (how many clients, how many users each).
+    """
+    path = Path(run_dir) / "data" / "clients.npz"
+    with np.load(path) as z:
+        shape = tuple(int(s) for s in z["train_shape"])
+        offsets, rows = z["offsets"], z["rows"]
+    empty = sp.csr_matrix(shape, dtype=np.float32)
+    _save_npz(path, **_csr_arrays("train", empty), offsets=offsets, rows=rows)
+    _client_arrays.cache_clear()
 
 
 def load_eval_data(run_dir: Path) -> EvalData:

@@ -7,12 +7,12 @@ its ``config`` record, two public values next to the round's settings:
 - ``fedrec-run-config``: the resolved run config as TOML text (model shape, local training,
   privacy settings; a few kilobytes);
 - ``fedrec-item-ids``: the original item id of each input and output column of the global
-  model (the public catalogue: 1,682 ids, about 8 KB, for ML-100K).
+  model (the public catalogue: 1,413 ids for ML-100K; 8.4 kB with the config).
 
 A device maps its own history onto those columns (:mod:`client.store`); nothing about the
 device goes the other way. Sending both with every message keeps devices stateless: one that
 joins late, restarts or misses rounds needs nothing else, at a cost well under 1% of the model
-a message carries anyway.
+a message carries anyway (0.3% for ML-100K with a [200, 64] Mult-VAE).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import tomllib
 from collections.abc import Mapping, Sequence
+
+from flwr.app.typing import ConfigRecordValues
 
 from common.config import parse, to_toml
 from common.runconfig import RunConfig
@@ -35,7 +37,7 @@ RunInfo = tuple[RunConfig, tuple[str, ...]]
 """The run config and the catalogue, as a device reads them from a message."""
 
 
-def run_info_config(cfg: RunConfig, item_ids: Sequence[str]) -> dict[str, str | list[str]]:
+def run_info_config(cfg: RunConfig, item_ids: Sequence[str]) -> dict[str, ConfigRecordValues]:
     """The config-record entries that tell a device the run's config and catalogue."""
     return {RUN_CONFIG_KEY: to_toml(cfg), ITEM_IDS_KEY: [str(i) for i in item_ids]}
 

@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -23,11 +23,28 @@ from torch import nn
 
 from common.model import VAEOutput, vae_loss
 
-__all__ = ["TrainConfig", "TrainStats", "make_optimizer", "score_users", "train_epochs"]
+__all__ = [
+    "StepOptimizer",
+    "TrainConfig",
+    "TrainStats",
+    "make_optimizer",
+    "score_users",
+    "train_epochs",
+]
 
 logger = logging.getLogger(__name__)
 
 Sparse: TypeAlias = sp.spmatrix | sp.sparray
+
+
+class StepOptimizer(Protocol):
+    """What :func:`train_epochs` needs of an optimizer (any ``torch.optim.Optimizer`` has it)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients."""
+
+    def step(self) -> Any:
+        """Update the parameters from their gradients."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,7 @@ def train_epochs(
     *,
     epochs: int,
     batch_size: int,
-    optimizer: torch.optim.Optimizer,
+    optimizer: StepOptimizer,
     beta_schedule: Callable[[int], float] | None,
     start_step: int = 0,
     generator: torch.Generator | None = None,

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.runconfig import load_run_config
 from common.rundata import n_clients_of, write_run_folder
 from server.federation import run_federation
+from server.grid import polling
 
 __all__ = ["app"]
 
@@ -43,4 +44,4 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_run_config(run_dir / "config.toml")
     launched = int(context.run_config.get("expected-nodes", 0))  # set by `fedrec simulate`
     expected = launched or n_clients_of(run_dir)
-    run_federation(grid, cfg, run_dir, expected_nodes=expected, simulated=launched > 0)
+    run_federation(polling(grid), cfg, run_dir, expected_nodes=expected, simulated=launched > 0)

@@ -55,14 +55,21 @@ ROUND_FIELDS = (
     "ndcg@100",
     "recall@20",
     "client_ndcg@100",
+    "epsilon",
+    "epsilon_rdp",
+    "effective_noise_multiplier",
     "seconds",
     "bytes_up",
     "bytes_down",
     "deserialize_seconds",
     "train_seconds",
     "serialize_seconds",
+    "he_encrypt_seconds",
+    "he_aggregate_seconds",
+    "he_decrypt_seconds",
+    "discarded",
 )
-"""Columns of ``rounds.csv``, in order."""
+"""Columns of ``rounds.csv``, in order (DP and HE columns stay empty when those are off)."""
 
 STATE_FILE = "server_state.pt"
 
@@ -373,7 +380,9 @@ def run_federation(
             client_eval = strategy.aggregate_evaluate(
                 rnd,
                 grid.send_and_receive(
-                    strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(run_info), grid),
+                    strategy.configure_evaluate(
+                        rnd, eval_arrays, ConfigRecord({"server-round": rnd, **run_info}), grid
+                    ),
                     timeout=cfg.server.round_timeout,
                 ),
             )

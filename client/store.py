@@ -1,0 +1,281 @@
+"""A device's own store: its history file, its privacy ledger and the last global model.
+
+A SuperNode started by ``fedrec client join`` carries its history in its node config
+(``data = "/path/HISTORY.csv"``, ``user,item[,rating][,timestamp]``, the plain CSV of
+:mod:`common.data.readers`). The ClientApp then trains on that file only. It cannot read the
+server's run folder, so the run config and the catalogue (the model's item ids) come with each
+message (:mod:`common.runinfo`); the device maps its items onto the catalogue's columns and
+skips items the catalogue lacks.
+
+Next to the history the device keeps, written atomically:
+
+- ``HISTORY.csv.fedrec-ledger.json``: one line per round it took part in (run, round, the DP
+  mechanism the server announced: mode, z, q, delta, C, and its epsilon when it guards a
+  budget). The server's ledger counts participants; this is the device's own record.
+- ``HISTORY.csv.fedrec-model.pt``: the last global model it received (a ``model.pt``
+  checkpoint), so ``fedrec recommend --model HISTORY.csv.fedrec-model.pt`` works offline.
+
+:func:`device_mod` does the bookkeeping around every train and evaluate call; a simulated
+client (no ``data`` in its node config) passes through it untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+
+from client.local import LocalData, split_local
+from common.errors import DataError
+from common.io import atomic_write_json
+from common.runconfig import RunConfig
+from common.runinfo import ITEM_IDS_KEY, RUN_CONFIG_KEY, RunInfo, read_run_info
+
+__all__ = [
+    "DATA_KEY",
+    "DeviceFiles",
+    "device_client_id",
+    "device_mod",
+    "device_run_config",
+    "is_device",
+    "local_data_for",
+    "read_history",
+    "read_ledger",
+]
+
+logger = logging.getLogger(__name__)
+
+DATA_KEY = "data"
+"""Node-config key of the device's history file."""
+
+_RUN_INFO_STATE = "fedrec-run-info"  # context.state, for the length of one call only
+_LEDGER_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class DeviceFiles:
+    """Where a device keeps its files: next to its history."""
+
+    history: Path
+
+    @property
+    def ledger(self) -> Path:
+        """``HISTORY.fedrec-ledger.json``: the rounds this device took part in."""
+        return self.history.with_name(self.history.name + ".fedrec-ledger.json")
+
+    @property
+    def model(self) -> Path:
+        """``HISTORY.fedrec-model.pt``: the last global model received."""
+        return self.history.with_name(self.history.name + ".fedrec-model.pt")
+
+
+def is_device(context: Context) -> bool:
+    """True for a SuperNode of ``fedrec client join`` (its node config names a history)."""
+    return DATA_KEY in context.node_config
+
+
+def _files(context: Context) -> DeviceFiles:
+    return DeviceFiles(Path(str(context.node_config[DATA_KEY])).expanduser().resolve())
+
+
+def _run_info(context: Context) -> RunInfo:
+    stash = context.state.config_records.get(_RUN_INFO_STATE)
+    info = read_run_info(stash) if stash is not None else None
+    if info is None:
+        raise RuntimeError(
+            "this device got no run config and catalogue: the ServerApp sends them with every "
+            "train and evaluate message (fedrec >= 0.1 with run-dir on the server)"
+        )
+    return info
+
+
+def device_run_config(context: Context) -> RunConfig:
+    """The run config the server sent with the message being handled."""
+    return _run_info(context)[0]
+
+
+def device_client_id(context: Context) -> int:
+    """A stable number for this device's local seeds: its node id, folded to 31 bits."""
+    return int(context.node_id) % (2**31 - 1)
+
+
+@lru_cache(maxsize=4)
+def read_history(path: Path, item_ids: tuple[str, ...], *, min_rating: float) -> sp.csr_matrix:
+    """A history file as binary rows over the catalogue: ``(n_users, len(item_ids))``.
+
+    Rows with a rating below ``min_rating`` or an invalid rating are not positives; items the
+    catalogue lacks are skipped (and counted in the log); users left with no positive are
+    dropped. A device usually holds one user, a silo many.
+
+    Raises
+    ------
+    DataError
+        If the file cannot be read, or no positive of it is in the catalogue.
+    """
+    from common.data.readers import detect_source, read_source
+
+    raw, _ = read_source(detect_source(path))
+    keep = np.ones(raw.n_rows, dtype=bool)
+    if raw.ratings is not None:
+        keep &= np.isfinite(raw.ratings) & (raw.ratings >= min_rating)
+    column = {item: i for i, item in enumerate(item_ids)}
+    cols = np.array([column.get(str(item), -1) for item in raw.items], dtype=np.int64)
+    unknown = int(np.count_nonzero(keep & (cols < 0)))
+    keep &= cols >= 0
+    if not keep.any():
+        raise DataError(
+            f"no positive interaction (rating >= {min_rating:g}) with an item of the run's "
+            f"catalogue ({len(item_ids)} items)",
+            path=path,
+        )
+    users, rows = np.unique(np.asarray(raw.users)[keep].astype(str), return_inverse=True)
+    data = np.ones(int(keep.sum()), dtype=np.float32)
+    matrix = sp.csr_matrix((data, (rows, cols[keep])), shape=(len(users), len(item_ids)))
+    matrix.data[:] = 1.0  # repeated (user, item) rows count once
+    if unknown:
+        logger.info("%s: skipped %d positives of items outside the catalogue", path, unknown)
+    return matrix
+
+
+def local_data_for(context: Context) -> LocalData:
+    """This device's rows, split into what it trains on and what it holds out to evaluate."""
+    cfg, item_ids = _run_info(context)
+    rows = read_history(_files(context).history, item_ids, min_rating=cfg.data.min_rating)
+    seed = cfg.seed * 1_000_003 + device_client_id(context)
+    return split_local(rows, fraction=cfg.data.client_holdout_fraction, seed=seed)
+
+
+# --------------------------------------------------------------------------------- the ledger
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The participations recorded in a device ledger (empty when there is none yet)."""
+    if not path.exists():
+        return []
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    if payload.get("format") != _LEDGER_FORMAT:
+        raise DataError(f"unknown device ledger format {payload.get('format')!r}", path=path)
+    return list(payload["participations"])
+
+
+def _mechanism(config: ConfigRecord, reply: Message) -> dict[str, Any]:
+    """The DP mechanism of a round, as the server announced it (and the reply measured)."""
+    if "dp-clip" in config:  # client-level DP-FedAvg
+        z = config.get("dp-accounting-noise-multiplier", config["dp-noise-multiplier"])
+        return {
+            "mode": "client",
+            "noise_multiplier": z,
+            "sample_rate": config["dp-sample-rate"],
+            "steps": 1,
+            "delta": config["dp-delta"],
+            "clip": config["dp-clip"],
+        }
+    if "dpsgd-clip" in config:  # example-level DP-SGD in a silo
+        metrics = reply.content.metric_records.get("metrics", MetricRecord())
+        return {
+            "mode": "example",
+            "noise_multiplier": config["dpsgd-noise-multiplier"],
+            "sample_rate": metrics.get("dpsgd-sample-rate"),
+            "steps": metrics.get("dpsgd-steps"),
+            "delta": config["dpsgd-delta"],
+            "clip": config["dpsgd-clip"],
+        }
+    return {"mode": "off"}
+
+
+def _took_part(reply: Message) -> bool:
+    if reply.has_error():
+        return False
+    metrics = reply.content.metric_records.get("metrics")
+    return not (metrics is not None and metrics.get("refused"))
+
+
+def _record_participation(
+    files: DeviceFiles, msg: Message, reply: Message, context: Context, cfg: RunConfig
+) -> None:
+    config = msg.content.config_records.get("config", ConfigRecord())
+    entry: dict[str, Any] = {
+        "run": cfg.name,
+        "flwr_run_id": int(msg.metadata.run_id),
+        "round": int(config.get("server-round", 0)),  # type: ignore[arg-type]
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **_mechanism(config, reply),
+    }
+    dp_state = context.state.config_records.get("fedrec-dp")  # client.dp_mod's own count
+    if dp_state is not None and "epsilon" in dp_state:
+        entry["epsilon"] = float(dp_state["epsilon"])  # type: ignore[arg-type]
+    entries = [*read_ledger(files.ledger), entry]
+    atomic_write_json(
+        files.ledger,
+        {"format": _LEDGER_FORMAT, "history": files.history.name, "participations": entries},
+    )
+
+
+def _save_global_model(
+    files: DeviceFiles, msg: Message, cfg: RunConfig, items: tuple[str, ...]
+) -> None:
+    from common.checkpoint import Checkpoint, save_checkpoint
+
+    record = msg.content.array_records.get("arrays")
+    if record is None:
+        return
+    state = record.to_torch_state_dict()
+    n_items = int(state["encoder.0.weight"].shape[1])  # (hidden, n_items)
+    config = msg.content.config_records.get("config", ConfigRecord())
+    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    evaluated = msg.metadata.message_type == MessageType.EVALUATE
+    save_checkpoint(
+        files.model,
+        Checkpoint(
+            model_config=cfg.model.to_model_config(n_items).to_dict(),
+            state_dict=state,
+            item_ids=list(items),
+            item_titles=[""] * len(items),
+            dataset={"name": cfg.data.dataset, "sha256": ""},
+            metadata={
+                "trainer": "federated (copy received by a device)",
+                "run": cfg.name,
+                "flwr_run_id": int(msg.metadata.run_id),
+                # a train message carries the model before its round, an evaluate one after
+                "after_round": server_round if evaluated else server_round - 1,
+            },
+        ),
+    )
+
+
+def device_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Give a device's train and evaluate calls the run's config and catalogue; afterwards
+    save the global model it received and record the round in its ledger if it took part.
+
+    The outermost mod of the ClientApp: the DP and HE mods inside it already read the
+    device's run config (budget, keys). Simulated clients pass through unchanged.
+    """
+    kind = msg.metadata.message_type
+    if not is_device(context) or kind not in (MessageType.TRAIN, MessageType.EVALUATE):
+        return call_next(msg, context)
+    config = msg.content.config_records.get("config", ConfigRecord())
+    info = read_run_info(config)
+    if info is None:
+        raise RuntimeError("the server sent no run config and catalogue to this device")
+    cfg, items = info
+    context.state.config_records[_RUN_INFO_STATE] = ConfigRecord(
+        {key: config[key] for key in (RUN_CONFIG_KEY, ITEM_IDS_KEY)}
+    )
+    try:
+        reply = call_next(msg, context)
+    finally:
+        del context.state.config_records[_RUN_INFO_STATE]  # resent with every message
+    files = _files(context)
+    _save_global_model(files, msg, cfg, items)
+    if kind == MessageType.TRAIN and _took_part(reply):
+        _record_participation(files, msg, reply, context, cfg)
+    return reply
