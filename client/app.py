@@ -6,7 +6,9 @@ Heavy state (the data file, the model object) is loaded once per process and reu
 
 The node finds its data through its context: in a simulation ``node_config["partition-id"]``
 selects its client in ``RUN_DIR/data/clients.npz``; the run folder and config come from
-``run_config["run-dir"]``.
+``run_config["run-dir"]``. A device (``fedrec client join``) names its own history file in
+``node_config["data"]`` and gets the run config and catalogue with each message
+(:mod:`client.store`).
 """
 
 from __future__ import annotations
