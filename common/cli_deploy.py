@@ -2,7 +2,7 @@
 
 The operator makes certificates and device keys, registers keys with the SuperLink, prepares
 a run folder and launches runs; a device joins with its own history. ``fedrec deploy local``
-does all of it on this machine and prints what it cost. See docs/deploy.md.
+does all of it on this machine and prints what it cost. See the README, "Deploy".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``fedrec deploy local``: a whole fedrec deployment on this machine, end to end, measured.
 
-What an operator and N devices do on separate machines, on 127.0.0.1 (see docs/deploy.md):
+What an operator and N devices do on separate machines, on 127.0.0.1 (see the README, "Deploy"):
 
 1. the operator prepares the run folder (:mod:`server.provision`); here each client's rows
    are also exported as a device's history file (``OUT/devices/device-K/history.csv``);
