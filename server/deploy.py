@@ -236,18 +236,7 @@ class Deployment:
     # ---------------------------------------------------------------------------- SuperNodes
 
     def start_supernode(self, spec: SuperNodeSpec, *, wait: bool = True) -> float:
-        """Start one ``flower-supernode``; with ``wait``, return once the SuperLink accepted it.
-
-        Returns
-        -------
-        float
-            Seconds until the node logged its node id (0.0 when not waiting).
-
-        Raises
-        ------
-        DeployError
-            If the node exits before it comes online (refused key, plaintext to a TLS
-            SuperLink, ...) or does not come online in time; the message quotes its log.
+        """Start one ``flower-supernode`` from ``spec``; returns and raises as :meth:`start_node`.
         """
         home = self.work_dir / "nodes" / spec.name
         home.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ drive the progress display.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from common.errors import FedrecError
 from common.he import ParamSet, init_keys
 from common.io import atomic_write_json
+from common.processes import interrupts_raise
 from common.runconfig import RunConfig, load_run_config
 from common.rundata import write_run_folder
 
@@ -91,22 +91,6 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
             time.sleep(0.1)
 
 
-@contextlib.contextmanager
-def _interrupts_raise() -> Iterator[None]:
-    """Make SIGINT raise KeyboardInterrupt and SIGTERM SystemExit, so cleanup always runs.
-
-    A process started in the background by a non-interactive shell inherits SIGINT ignored;
-    without this, Ctrl-C or ``kill -INT`` would leave the simulation running.
-    """
-    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    old_term = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-
-
 def _follow(path: Path, pos: int) -> tuple[list[ProgressEvent], int]:
     if not path.exists():
         return [], pos
@@ -147,7 +131,7 @@ def simulate(
         str(n_clients),
         str(cfg.simulation.num_cpus_per_client),
     ]
-    with _interrupts_raise(), log_path.open("ab") as log:
+    with interrupts_raise(), log_path.open("ab") as log:
         proc = subprocess.Popen(
             cmd,
             stdout=log,
