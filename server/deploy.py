@@ -236,7 +236,7 @@ class Deployment:
     # ---------------------------------------------------------------------------- SuperNodes
 
     def start_supernode(self, spec: SuperNodeSpec, *, wait: bool = True) -> float:
-        """Start one ``flower-supernode`` from ``spec``; returns and raises as :meth:`start_node`."""
+        """Start one ``flower-supernode`` from ``spec``; returns, raises as :meth:`start_node`."""
         home = self.work_dir / "nodes" / spec.name
         home.mkdir(parents=True, exist_ok=True)
         node_config = home / "node-config.toml"
