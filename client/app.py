@@ -19,15 +19,29 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.dp_mod import make_client_dp_mod, refusal
 from client.he_mod import client_keys, decrypt_for_committee, make_client_he_mod
 from client.local import LocalData, LocalUpdate, compute_update, local_metrics, split_local
 from client.store import device_client_id, device_mod, device_run_config, is_device, local_data_for
-from common.runconfig import RunConfig, load_run_config
-from common.rundata import load_client_shard
+from common.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    DESERIALIZE_SECONDS,
+    METRICS_RECORD,
+    SERIALIZE_SECONDS,
+    TRAIN_SECONDS,
+    EvalMetrics,
+    ExampleDPConfig,
+    RoundConfig,
+    TrainMetrics,
+    read_optional_int,
+)
+from common.rounds import split_seed, train_seed
+from common.run.config import RunConfig, load_run_config
+from common.run.folder import load_client_shard
 
 __all__ = ["app"]
 
@@ -44,7 +58,7 @@ def _run_config(run_dir: str) -> RunConfig:
 @lru_cache(maxsize=4096)
 def _local_data(run_dir: str, client_id: int, fraction: float, seed: int) -> LocalData:
     shard = load_client_shard(Path(run_dir), client_id)
-    return split_local(shard.rows, fraction=fraction, seed=seed * 1_000_003 + client_id)
+    return split_local(shard.rows, fraction=fraction, seed=split_seed(seed, client_id))
 
 
 def _context(context: Context) -> tuple[RunConfig, int, LocalData]:
@@ -82,19 +96,22 @@ def train(msg: Message, context: Context) -> Message:
     cfg, client_id, data = _context(context)
     if client_id in cfg.simulation.fail_clients:
         raise RuntimeError(f"client {client_id}: injected failure (simulation.fail_clients)")
-    config = msg.content.config_records["config"]
-    server_round = int(config["server-round"])  # type: ignore[arg-type]
-    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    config = msg.content.config_records[CONFIG_RECORD]
+    round_config = RoundConfig.read(config)
+    server_round = round_config.server_round
+    global_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
     model_cfg = cfg.model.to_model_config(_n_items(global_state))
     t1 = time.perf_counter()
-    seed = cfg.seed * 1_000_003 + server_round * 7919 + client_id
-    beta = float(config["beta"])  # type: ignore[arg-type]
-    dp_metrics: dict[str, float | int] = {}
-    if "dpsgd-noise-multiplier" in config:
-        dpsgd = _dpsgd_train(global_state, data, cfg, config, context, beta=beta)
+    seed = train_seed(cfg.seed, server_round, client_id)
+    beta = round_config.require_beta()
+    dpsgd_steps: int | None = None
+    dpsgd_sample_rate: float | None = None
+    example_dp = ExampleDPConfig.read(config)
+    if example_dp is not None:
+        dpsgd = _dpsgd_train(global_state, data, cfg, example_dp, context, beta=beta)
         if isinstance(dpsgd, RecordDict):
             return Message(dpsgd, reply_to=msg)
-        update, dp_metrics = dpsgd
+        update, dpsgd_steps, dpsgd_sample_rate = dpsgd
     else:
         update = compute_update(
             global_state, data, model_config=model_cfg, client=cfg.client, beta=beta, seed=seed
@@ -102,18 +119,15 @@ def train(msg: Message, context: Context) -> Message:
     t2 = time.perf_counter()
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in update.delta.items()})
     t3 = time.perf_counter()
-    metrics = MetricRecord(
-        {
-            "weight": update.weight,
-            "num-examples": update.num_examples,
-            "loss": update.mean_loss,
-            "deserialize-seconds": t1 - t0,
-            "train-seconds": t2 - t1,
-            "serialize-seconds": t3 - t2,
-            **dp_metrics,
-        }
-    )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    metrics = TrainMetrics(
+        weight=update.weight,
+        num_examples=update.num_examples,
+        loss=update.mean_loss,
+        seconds={DESERIALIZE_SECONDS: t1 - t0, TRAIN_SECONDS: t2 - t1, SERIALIZE_SECONDS: t3 - t2},
+        dpsgd_steps=dpsgd_steps,
+        dpsgd_sample_rate=dpsgd_sample_rate,
+    ).to_record()
+    return Message(RecordDict({ARRAYS_RECORD: arrays, METRICS_RECORD: metrics}), reply_to=msg)
 
 
 _DPSGD_STATE = "fedrec-dpsgd"
@@ -123,35 +137,36 @@ def _dpsgd_train(
     global_state: dict[str, torch.Tensor],
     data: LocalData,
     cfg: RunConfig,
-    config: ConfigRecord,
+    example_dp: ExampleDPConfig,
     context: Context,
     *,
     beta: float,
-) -> tuple[LocalUpdate, dict[str, float | int]] | RecordDict:
+) -> tuple[LocalUpdate, int, float] | RecordDict:
     """Example-level DP: DP-SGD with Opacus on this silo's users (or a refusal over budget).
 
     The silo keeps its own accountant: its users' epsilon composes (q_s, steps_s) over the
     rounds it trained (rounds it sat out cost them nothing). The update is weighted by the
-    silo's user count, like the plain path, so the server's mean is unchanged in form.
+    silo's user count, like the plain path, so the server's mean is unchanged in form. Returns
+    the update with the DP-SGD steps taken and the sampling rate, or the refusal's content.
     """
     from client.dpsgd import DPSGDConfig, dpsgd_update  # Opacus: seconds to import
     from common.privacy import AccountantKind, MechanismStep, compute_epsilon
 
-    z = float(config["dpsgd-noise-multiplier"])  # type: ignore[arg-type]
+    z = example_dp.noise_multiplier
     dp_cfg = DPSGDConfig(
         noise_multiplier=z,
-        max_grad_norm=float(config["dpsgd-clip"]),  # type: ignore[arg-type]
+        max_grad_norm=example_dp.clip,
         lr=cfg.client.lr,
         batch_size=cfg.client.batch_size,
         epochs=cfg.client.local_epochs,
     )
     state = context.state.config_records.get(_DPSGD_STATE, ConfigRecord())
-    steps_so_far = int(state.get("steps", 0))  # type: ignore[arg-type]
+    steps_so_far = read_optional_int(state, "steps", record_name=_DPSGD_STATE) or 0
     budget = _budget(context)
     if budget is not None:
         batches = -(-data.n_users // dp_cfg.batch_size)
         planned = MechanismStep(z, 1.0 / batches, steps_so_far + dp_cfg.epochs * batches)
-        delta = float(config["dpsgd-delta"])  # type: ignore[arg-type]
+        delta = example_dp.delta
         epsilon = compute_epsilon([planned], delta=delta, accountant=AccountantKind.RDP)
         if epsilon > budget:
             return refusal(f"epsilon {epsilon:.3g} would exceed budget {budget:.3g}", epsilon)
@@ -173,11 +188,7 @@ def _dpsgd_train(
         mean_loss=result.mean_loss,
         train_seconds=result.train_seconds,
     )
-    metrics: dict[str, float | int] = {
-        "dpsgd-steps": result.steps,
-        "dpsgd-sample-rate": result.sample_rate,
-    }
-    return update, metrics
+    return update, result.steps, result.sample_rate
 
 
 @app.query("decrypt")
@@ -196,10 +207,10 @@ def decrypt(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this client's local held-out items."""
     cfg, _, data = _context(context)
-    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    global_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
     model_cfg = cfg.model.to_model_config(_n_items(global_state))
-    metrics = local_metrics(global_state, data, model_config=model_cfg)
-    return Message(RecordDict({"metrics": MetricRecord(dict(metrics))}), reply_to=msg)
+    metrics = EvalMetrics.read(local_metrics(global_state, data, model_config=model_cfg))
+    return Message(RecordDict({METRICS_RECORD: metrics.to_record()}), reply_to=msg)
 
 
 def _n_items(state: dict[str, torch.Tensor]) -> int:

@@ -1,10 +1,11 @@
 """Client-side DP as a Flower mod: clip, add this client's share of noise, pre-scale, refuse.
 
 The mod wraps the plain training call (:mod:`client.app`) and changes only its reply: the
-example-weighted delta becomes ``(clip_C(delta) + N(0, (zC)^2 / m)) / m`` (DESIGN.md, round
-step 3; McMahan et al. 2018, Alg. 1 with the noise spread over the m expected participants).
-Before training it asks the client's own accountant whether one more round keeps the client
-within its budget; if not, it answers with a refusal that the server counts, not an error.
+example-weighted delta becomes ``(clip_C(delta) + N(0, (zC)^2 / m)) / m`` (docs/design.md,
+"One training round", step 3; McMahan et al. 2018, Alg. 1 with the noise spread over the m
+expected participants). Before training it asks the client's own accountant whether one more
+round keeps the client within its budget; if not, it answers with a refusal that the server
+counts, not an error.
 
 The noise comes from the operating system's entropy, never from the run's seed: the server
 knows the seed, and predictable noise protects nothing.
@@ -12,10 +13,9 @@ knows the seed, and predictable noise protects nothing.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,21 +30,19 @@ from flwr.app import (
 )
 from flwr.clientapp.typing import ClientAppCallable
 
-from common.privacy import (
-    AccountantKind,
-    MechanismStep,
-    add_gaussian_noise_inplace,
-    clip_inplace,
-    compute_epsilon,
+from common.privacy import client_epsilon_after, privatize_update
+from common.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    WEIGHT,
+    ClientDPConfig,
+    Refusal,
+    RoundConfig,
+    read_float,
 )
 
-__all__ = [
-    "BudgetLookup",
-    "client_epsilon_after",
-    "make_client_dp_mod",
-    "privatize_update",
-    "refusal",
-]
+__all__ = ["BudgetLookup", "make_client_dp_mod", "refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,55 +52,11 @@ BudgetLookup = Callable[[Context], float | None]
 _STATE_KEY = "fedrec-dp"
 
 
-@functools.lru_cache(maxsize=256)
-def client_epsilon_after(
-    *, server_round: int, noise_multiplier: float, sample_rate: float, delta: float
-) -> float:
-    """The client's epsilon once round ``server_round`` has run (RDP, an upper bound of PRV).
-
-    Every round counts, sampled or not: the guarantee of Poisson subsampling composes over all
-    rounds at rate q (the client cannot see rounds it was not invited to, so it counts them
-    from the round number).
-    """
-    return compute_epsilon(
-        [MechanismStep(noise_multiplier, sample_rate, server_round)],
-        delta=delta,
-        accountant=AccountantKind.RDP,
-    )
-
-
-def privatize_update(
-    update: Mapping[str, np.ndarray],
-    *,
-    weight: float,
-    clip: float,
-    noise_std: float,
-    denominator: float,
-    rng: np.random.Generator,
-) -> dict[str, np.ndarray]:
-    """``(clip_C(update / weight) + N(0, noise_std^2)) / m``: what a DP client sends (float32).
-
-    McMahan et al. 2018, Alg. 1 with the noise spread over the participants: ``update`` is the
-    example-weighted delta ``weight * (local - global)``, ``clip`` is C, ``noise_std`` this
-    client's share (:func:`common.privacy.client_noise_std`) and ``denominator`` m = qN. The
-    input is not changed. Shared by the Flower mod and the in-process engine
-    (:mod:`simulations.fastsim`).
-    """
-    if not (math.isfinite(weight) and weight > 0):
-        raise ValueError(f"weight must be a finite number > 0, got {weight}")
-    arrays = {k: (np.asarray(a) / weight).astype(np.float32) for k, a in update.items()}
-    clip_inplace(arrays, max_norm=clip)
-    add_gaussian_noise_inplace(arrays, std=noise_std, rng=rng)
-    for key in arrays:
-        arrays[key] /= np.float32(denominator)
-    return arrays
-
-
 def refusal(reason: str, epsilon: float) -> RecordDict:
     """The content of a reply refusing a round: counted by the server, not an error."""
-    metrics = MetricRecord({"refused": 1, "weight": 0.0, "epsilon-if-trained": epsilon})
+    metrics = Refusal(epsilon_if_trained=epsilon).to_record()
     logger.info("refusing round: %s", reason)
-    return RecordDict({"metrics": metrics})
+    return RecordDict({METRICS_RECORD: metrics})
 
 
 def make_client_dp_mod(
@@ -113,17 +67,14 @@ def make_client_dp_mod(
     def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
-        config = msg.content.config_records.get("config", ConfigRecord())
-        if "dp-clip" not in config:
+        config = msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())
+        dp = ClientDPConfig.read(config)
+        if dp is None:
             return call_next(msg, context)
-        clip = float(config["dp-clip"])  # type: ignore[arg-type]
-        noise_std = float(config["dp-noise-std"])  # type: ignore[arg-type]
-        denominator = float(config["dp-denominator"])  # type: ignore[arg-type]
+        clip, noise_std, denominator = dp.clip, dp.noise_std, dp.denominator
         # the per-round z the server's calibration planned for (at a low participant count)
-        z = float(config.get("dp-accounting-noise-multiplier", config["dp-noise-multiplier"]))  # type: ignore[arg-type]
-        q = float(config["dp-sample-rate"])  # type: ignore[arg-type]
-        delta = float(config["dp-delta"])  # type: ignore[arg-type]
-        server_round = int(config["server-round"])  # type: ignore[arg-type]
+        z, q, delta = dp.accounting_noise_multiplier, dp.sample_rate, dp.delta
+        server_round = RoundConfig.read(config).server_round
         for name, value in (("clip", clip), ("denominator", denominator)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"server sent an invalid {name}: {value}")
@@ -140,10 +91,10 @@ def make_client_dp_mod(
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
-        metrics = reply.content.metric_records["metrics"]
-        weight = float(metrics["weight"])  # type: ignore[arg-type]
+        metrics = reply.content.metric_records[METRICS_RECORD]
+        weight = read_float(metrics, WEIGHT, record_name=METRICS_RECORD)
         arrays = privatize_update(
-            {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()},
+            {k: a.numpy() for k, a in reply.content.array_records[ARRAYS_RECORD].items()},
             weight=weight,
             clip=clip,
             noise_std=noise_std,
@@ -157,12 +108,12 @@ def make_client_dp_mod(
             participations["epsilon"] = epsilon
         context.state.config_records[_STATE_KEY] = participations
         new_metrics = MetricRecord(
-            {**{k: v for k, v in metrics.items() if k != "weight"}, "weight": 1.0 / denominator}
+            {**{k: v for k, v in metrics.items() if k != WEIGHT}, WEIGHT: 1.0 / denominator}
         )
         content = RecordDict(
             {
-                "arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
-                "metrics": new_metrics,
+                ARRAYS_RECORD: ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+                METRICS_RECORD: new_metrics,
             }
         )
         return Message(content, reply_to=msg)

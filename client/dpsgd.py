@@ -1,4 +1,4 @@
-"""Example-level DP-SGD on a silo's users with Opacus (cross-silo mode of DESIGN.md).
+"""Example-level DP-SGD on a silo's users with Opacus (docs/design.md, "Cross-silo mode").
 
 In cross-silo mode one client holds many users; it trains the global Mult-VAE on them with DP-SGD
 (Abadi et al. 2016, "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1), where one
@@ -12,7 +12,7 @@ example is one user's interaction row. Each step:
 
 The update therefore gives every user of the silo user-level DP. The caller composes the returned
 :class:`common.privacy.MechanismStep` of every round with :func:`common.privacy.compute_epsilon`
-(DESIGN.md, "Privacy accounting"); this module keeps no accountant of its own.
+(docs/design.md, "Privacy accounting"); this module keeps no accountant of its own.
 
 Per-user gradient norms come from one of Opacus's ``grad_sample_mode`` (:class:`GradSampleMode`):
 ``ghost`` (fast gradient clipping; Li et al. 2022, Bu et al. 2023) never materialises the

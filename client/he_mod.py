@@ -1,10 +1,11 @@
 """Client-side encryption as a Flower mod, and the committee's decryption of the sum.
 
 :func:`make_client_he_mod` wraps training (outside the DP mod, so the noise is added before
-encryption; DESIGN.md round step 3): the reply's pre-weighted, clipped and noised update leaves
-the device only as CKKS ciphertext under the key pair the server announced. A refusal or an
-error passes through unchanged. :func:`decrypt_for_committee` is what a committee member runs
-(round step 5): decrypt the server's sum with the secret key, flood and round it, reply.
+encryption; docs/design.md, "One training round", step 3): the reply's pre-weighted, clipped
+and noised update leaves the device only as CKKS ciphertext under the key pair the server
+announced. A refusal or an error passes through unchanged. :func:`decrypt_for_committee` is
+what a committee member runs (round step 5): decrypt the server's sum with the secret key,
+flood and round it, reply.
 
 Keys come from the node's ``keys`` folder (a device) or the run's (a simulation); the secret-key
 context is loaded once per process.
@@ -32,9 +33,6 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.he import (
-    HE_FINGERPRINT_KEY,
-    HE_RECORD_KEY,
-    HE_SUM_KEY,
     ClientKeys,
     decrypt_sum,
     default_flood_std,
@@ -42,6 +40,16 @@ from common.he import (
     load_client_context,
     sum_from_record,
     to_record,
+)
+from common.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    HE_ENCRYPT_SECONDS,
+    HE_FINGERPRINT,
+    HE_RECORD,
+    HE_SUM_RECORD,
+    METRICS_RECORD,
+    read_str,
 )
 
 __all__ = ["KeysLookup", "client_keys", "decrypt_for_committee", "make_client_he_mod"]
@@ -66,25 +74,26 @@ def make_client_he_mod(
     def client_he_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
-        config = msg.content.config_records.get("config", ConfigRecord())
-        if HE_FINGERPRINT_KEY not in config:
+        config = msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())
+        if HE_FINGERPRINT not in config:
             return call_next(msg, context)
+        expected = read_str(config, HE_FINGERPRINT, record_name=CONFIG_RECORD)
         keys = client_keys(str(keys_of(context)))
-        if keys.fingerprint != config[HE_FINGERPRINT_KEY]:
+        if keys.fingerprint != expected:
             raise ValueError(
-                f"the server expects key pair {str(config[HE_FINGERPRINT_KEY])[:16]}..., "
+                f"the server expects key pair {expected[:16]}..., "
                 f"this device holds {keys.fingerprint[:16]}...: nothing sent"
             )
         reply = call_next(msg, context)
-        if reply.has_error() or "arrays" not in reply.content.array_records:
+        if reply.has_error() or ARRAYS_RECORD not in reply.content.array_records:
             return reply  # an error or a refusal: nothing to encrypt
         start = time.perf_counter()
-        arrays = {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
+        arrays = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS_RECORD].items()}
         record = to_record(encrypt_update(arrays, keys=keys))
         seconds = time.perf_counter() - start
-        metrics = reply.content.metric_records.get("metrics", MetricRecord())
-        metrics["he-encrypt-seconds"] = seconds
-        return Message(RecordDict({HE_RECORD_KEY: record, "metrics": metrics}), reply_to=msg)
+        metrics = reply.content.metric_records.get(METRICS_RECORD, MetricRecord())
+        metrics[HE_ENCRYPT_SECONDS] = seconds
+        return Message(RecordDict({HE_RECORD: record, METRICS_RECORD: metrics}), reply_to=msg)
 
     return client_he_mod
 
@@ -96,10 +105,10 @@ def decrypt_for_committee(msg: Message, keys: ClientKeys, *, tamper: float = 0.0
     not taken from the server, so the server cannot ask for an unflooded decryption.
     ``tamper`` (fault injection in simulations only) is added to every released value.
     """
-    total = sum_from_record(msg.content.config_records[HE_SUM_KEY])
+    total = sum_from_record(msg.content.config_records[HE_SUM_RECORD])
     flood_std = default_flood_std(keys.params, n_updates=total.n_updates)
     out = decrypt_sum(total, keys=keys, flood_std=flood_std, rng=np.random.default_rng())
     if tamper:
         out = {k: v + np.asarray(tamper, dtype=v.dtype) for k, v in out.items()}
     arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()})
-    return RecordDict({"arrays": arrays})
+    return RecordDict({ARRAYS_RECORD: arrays})

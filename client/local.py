@@ -16,7 +16,8 @@ from torch import nn
 
 from common.metrics import evaluate
 from common.model import ModelConfig, build_model
-from common.runconfig import ClientConfig
+from common.protocol import EVAL_USERS
+from common.run.config import ClientConfig
 from common.training import score_users, train_epochs
 
 __all__ = ["LocalData", "LocalUpdate", "PlainSGD", "compute_update", "local_metrics", "split_local"]
@@ -166,7 +167,7 @@ def local_metrics(
     """NDCG@100 / Recall@20 / Recall@50 of the global model on the local held-out items."""
     users = np.diff(data.holdout.indptr) > 0
     if not users.any():
-        return {"eval-users": 0.0}
+        return {EVAL_USERS: 0.0}
     model = model_for(model_config)
     model.load_state_dict(global_state)
     metrics = evaluate(
@@ -176,5 +177,5 @@ def local_metrics(
         "ndcg@100": float(metrics["ndcg@100"]),
         "recall@20": float(metrics["recall@20"]),
         "recall@50": float(metrics["recall@50"]),
-        "eval-users": float(users.sum()),
+        EVAL_USERS: float(users.sum()),
     }

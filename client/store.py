@@ -4,7 +4,7 @@ A SuperNode started by ``fedrec client join`` carries its history in its node co
 (``data = "/path/HISTORY.csv"``, ``user,item[,rating][,timestamp]``, the plain CSV of
 :mod:`common.data.readers`). The ClientApp then trains on that file only. It cannot read the
 server's run folder, so the run config and the catalogue (the model's item ids) come with each
-message (:mod:`common.runinfo`); the device maps its items onto the catalogue's columns and
+message (:mod:`common.run.info`); the device maps its items onto the catalogue's columns and
 skips items the catalogue lacks.
 
 Next to the history the device keeps, written atomically:
@@ -37,8 +37,28 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.local import LocalData, split_local
 from common.errors import DataError
 from common.io import atomic_write_json
-from common.runconfig import RunConfig
-from common.runinfo import ITEM_IDS_KEY, RUN_CONFIG_KEY, RunInfo, read_run_info
+from common.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    DP_CLIP,
+    DP_DELTA,
+    DP_SAMPLE_RATE,
+    DPSGD_CLIP,
+    DPSGD_DELTA,
+    DPSGD_NOISE_MULTIPLIER,
+    DPSGD_SAMPLE_RATE,
+    DPSGD_STEPS,
+    METRICS_RECORD,
+    SERVER_ROUND,
+    is_refusal,
+    read_accounting_noise_multiplier,
+    read_float,
+    read_optional_float,
+    read_optional_int,
+)
+from common.rounds import split_seed
+from common.run.config import RunConfig
+from common.run.info import ITEM_IDS_KEY, RUN_CONFIG_KEY, RunInfo, read_run_info
 
 __all__ = [
     "DATA_KEY",
@@ -150,7 +170,7 @@ def local_data_for(context: Context) -> LocalData:
     """This device's rows, split into what it trains on and what it holds out to evaluate."""
     cfg, item_ids = _run_info(context)
     rows = read_history(_files(context).history, item_ids, min_rating=cfg.data.min_rating)
-    seed = cfg.seed * 1_000_003 + device_client_id(context)
+    seed = split_seed(cfg.seed, device_client_id(context))
     return split_local(rows, fraction=cfg.data.client_holdout_fraction, seed=seed)
 
 
@@ -169,25 +189,28 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
 
 def _mechanism(config: ConfigRecord, reply: Message) -> dict[str, Any]:
     """The DP mechanism of a round, as the server announced it (and the reply measured)."""
-    if "dp-clip" in config:  # client-level DP-FedAvg
-        z = config.get("dp-accounting-noise-multiplier", config["dp-noise-multiplier"])
+    # only the keys the ledger records: the DP mod or the DP-SGD path has checked the rest
+    name = CONFIG_RECORD
+    if DP_CLIP in config:  # client-level DP-FedAvg
         return {
             "mode": "client",
-            "noise_multiplier": z,
-            "sample_rate": config["dp-sample-rate"],
+            "noise_multiplier": read_accounting_noise_multiplier(config),
+            "sample_rate": read_float(config, DP_SAMPLE_RATE, record_name=name),
             "steps": 1,
-            "delta": config["dp-delta"],
-            "clip": config["dp-clip"],
+            "delta": read_float(config, DP_DELTA, record_name=name),
+            "clip": read_float(config, DP_CLIP, record_name=name),
         }
-    if "dpsgd-clip" in config:  # example-level DP-SGD in a silo
-        metrics = reply.content.metric_records.get("metrics", MetricRecord())
+    if DPSGD_CLIP in config:  # example-level DP-SGD in a silo
+        metrics = reply.content.metric_records.get(METRICS_RECORD, MetricRecord())
         return {
             "mode": "example",
-            "noise_multiplier": config["dpsgd-noise-multiplier"],
-            "sample_rate": metrics.get("dpsgd-sample-rate"),
-            "steps": metrics.get("dpsgd-steps"),
-            "delta": config["dpsgd-delta"],
-            "clip": config["dpsgd-clip"],
+            "noise_multiplier": read_float(config, DPSGD_NOISE_MULTIPLIER, record_name=name),
+            "sample_rate": read_optional_float(
+                metrics, DPSGD_SAMPLE_RATE, record_name=METRICS_RECORD
+            ),
+            "steps": read_optional_int(metrics, DPSGD_STEPS, record_name=METRICS_RECORD),
+            "delta": read_float(config, DPSGD_DELTA, record_name=name),
+            "clip": read_float(config, DPSGD_CLIP, record_name=name),
         }
     return {"mode": "off"}
 
@@ -195,24 +218,23 @@ def _mechanism(config: ConfigRecord, reply: Message) -> dict[str, Any]:
 def _took_part(reply: Message) -> bool:
     if reply.has_error():
         return False
-    metrics = reply.content.metric_records.get("metrics")
-    return not (metrics is not None and metrics.get("refused"))
+    return not is_refusal(reply.content.metric_records.get(METRICS_RECORD))
 
 
 def _record_participation(
     files: DeviceFiles, msg: Message, reply: Message, context: Context, cfg: RunConfig
 ) -> None:
-    config = msg.content.config_records.get("config", ConfigRecord())
+    config = msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())
     entry: dict[str, Any] = {
         "run": cfg.name,
         "flwr_run_id": int(msg.metadata.run_id),
-        "round": int(config.get("server-round", 0)),  # type: ignore[arg-type]
+        "round": read_optional_int(config, SERVER_ROUND, record_name=CONFIG_RECORD) or 0,
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **_mechanism(config, reply),
     }
     dp_state = context.state.config_records.get("fedrec-dp")  # client.dp_mod's own count
     if dp_state is not None and "epsilon" in dp_state:
-        entry["epsilon"] = float(dp_state["epsilon"])  # type: ignore[arg-type]
+        entry["epsilon"] = read_float(dp_state, "epsilon", record_name="fedrec-dp")
     entries = [*read_ledger(files.ledger), entry]
     atomic_write_json(
         files.ledger,
@@ -225,13 +247,13 @@ def _save_global_model(
 ) -> None:
     from common.checkpoint import Checkpoint, save_checkpoint
 
-    record = msg.content.array_records.get("arrays")
+    record = msg.content.array_records.get(ARRAYS_RECORD)
     if record is None:
         return
     state = record.to_torch_state_dict()
     n_items = int(state["encoder.0.weight"].shape[1])  # (hidden, n_items)
-    config = msg.content.config_records.get("config", ConfigRecord())
-    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    config = msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())
+    server_round = read_optional_int(config, SERVER_ROUND, record_name=CONFIG_RECORD) or 0
     evaluated = msg.metadata.message_type == MessageType.EVALUATE
     save_checkpoint(
         files.model,
@@ -262,7 +284,7 @@ def device_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     kind = msg.metadata.message_type
     if not is_device(context) or kind not in (MessageType.TRAIN, MessageType.EVALUATE):
         return call_next(msg, context)
-    config = msg.content.config_records.get("config", ConfigRecord())
+    config = msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())
     info = read_run_info(config)
     if info is None:
         raise RuntimeError("the server sent no run config and catalogue to this device")

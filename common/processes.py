@@ -6,8 +6,8 @@ run or one ``flwr-clientapp`` per message. Stopping the parent does not stop the
 starts each Flower process in a new session and, to stop it, signals its process group and
 every descendant found in ``/proc`` (Linux): SIGTERM first, SIGKILL after a grace period.
 
-Used by the loopback deployment (:mod:`server.deploy`) and by a device joining a federation
-(:mod:`client.join`).
+Used by the loopback deployment (:mod:`server.deploy.deployment`) and by a device joining a
+federation (:mod:`client.join`).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.runconfig import load_run_config
-from common.rundata import n_clients_of, write_run_folder
+from common.run.config import load_run_config
+from common.run.folder import n_clients_of, write_run_folder
 from server.federation import run_federation
 from server.grid import polling
 

@@ -1,14 +1,15 @@
 """Encrypted aggregation on the server: add CKKS ciphertexts, have a committee decrypt the sum.
 
-:class:`CommitteeSum` is the :class:`server.strategy.UpdateSum` of an encrypted run (DESIGN.md,
-round steps 4-5). The server holds only the public context (``server.ctx``, no secret key): it
-checks each client's ciphertext (format version, key fingerprint, parameter set, layout, chunk
-count and size) and adds the good ones homomorphically, leaving out a bad one with a logged
-reason while the round goes on. Then it sends the encrypted sum to a committee of
-``committee_size`` clients of the round, each of which decrypts it, floods it with noise and
-rounds it before release (Li and Micciancio 2021; :func:`common.he.decrypt_sum`). Their outputs
-must agree within :func:`common.he.committee_tolerance`; a missing member or a disagreement
-discards the round. The server only adds: clients pre-weight their updates (example counts, or
+:class:`CommitteeSum` is the :class:`server.aggregation.UpdateSum` of an encrypted run
+(docs/design.md, "One training round", steps 4-5). The server holds only the public context
+(``server.ctx``, no secret key): it checks each client's ciphertext (format version, key
+fingerprint, parameter set, layout, chunk count and size) and adds the good ones
+homomorphically, leaving out a bad one with a logged reason while the round goes on. Then it
+sends the encrypted sum to a committee of ``committee_size`` clients of the round, each of which
+decrypts it, floods it with noise and rounds it before release (Li and Micciancio 2021;
+:func:`common.he.decrypt_sum`). Their outputs must agree within
+:func:`common.he.committee_tolerance`; a missing member or a disagreement discards the round.
+The server only adds: clients pre-weight their updates (example counts, or
 the DP fixed denominator), so no ciphertext is ever multiplied.
 """
 
@@ -23,10 +24,6 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.he import (
-    DECRYPT_MESSAGE_TYPE,
-    HE_FINGERPRINT_KEY,
-    HE_RECORD_KEY,
-    HE_SUM_KEY,
     CiphertextRejectedError,
     Layout,
     ServerKeys,
@@ -37,6 +34,17 @@ from common.he import (
     from_record,
     layout_of,
     to_record,
+)
+from common.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    DECRYPT_MESSAGE_TYPE,
+    HE_AGGREGATE_SECONDS,
+    HE_DECRYPT_SECONDS,
+    HE_FINGERPRINT,
+    HE_RECORD,
+    HE_SUM_RECORD,
+    RoundConfig,
 )
 
 __all__ = ["CommitteeSum"]
@@ -90,7 +98,7 @@ class CommitteeSum:
 
     def announce(self, config: ConfigRecord) -> None:
         """Tell clients which key pair to encrypt with."""
-        config[HE_FINGERPRINT_KEY] = self.keys.fingerprint
+        config[HE_FINGERPRINT] = self.keys.fingerprint
 
     def begin(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Start an empty encrypted sum with the layout of the model the clients received."""
@@ -101,12 +109,12 @@ class CommitteeSum:
         )
         self._contributors = []
         self._why = ""
-        self._seconds = {"he-aggregate-seconds": 0.0, "he-decrypt-seconds": 0.0}
+        self._seconds = {HE_AGGREGATE_SECONDS: 0.0, HE_DECRYPT_SECONDS: 0.0}
 
     def add(self, msg: Message) -> str | None:
         """Check one reply's ciphertext and add it; a rejected one leaves the sum unchanged."""
         assert self._acc is not None, "begin() first"
-        record = msg.content.config_records.get(HE_RECORD_KEY)
+        record = msg.content.config_records.get(HE_RECORD)
         if record is None:
             return "reply has no encrypted update (plaintext refused in an encrypted run)"
         start = time.perf_counter()
@@ -115,7 +123,7 @@ class CommitteeSum:
         except CiphertextRejectedError as err:
             return f"ciphertext rejected ({err.reason.value}): {err}"
         finally:
-            self._seconds["he-aggregate-seconds"] += time.perf_counter() - start
+            self._seconds[HE_AGGREGATE_SECONDS] += time.perf_counter() - start
         self._contributors.append(msg.metadata.src_node_id)
         return None
 
@@ -133,7 +141,7 @@ class CommitteeSum:
             return None
         start = time.perf_counter()
         encrypted = to_record(self._acc.result())
-        self._seconds["he-aggregate-seconds"] += time.perf_counter() - start
+        self._seconds[HE_AGGREGATE_SECONDS] += time.perf_counter() - start
         rng = np.random.default_rng([self.seed, self._round, 3])
         # choose positions, not ids: Flower node ids are uint64 and numpy would make them float
         picks = rng.choice(len(self._contributors), self.committee_size, replace=False)
@@ -142,7 +150,7 @@ class CommitteeSum:
         requests = [
             Message(
                 RecordDict(
-                    {HE_SUM_KEY: encrypted, "config": ConfigRecord({"server-round": self._round})}
+                    {HE_SUM_RECORD: encrypted, CONFIG_RECORD: RoundConfig(self._round).to_record()}
                 ),
                 dst_node_id=node,
                 message_type=DECRYPT_MESSAGE_TYPE,
@@ -152,7 +160,7 @@ class CommitteeSum:
             for node in members
         ]
         outputs = self._collect(self.grid.send_and_receive(requests, timeout=self.timeout))
-        self._seconds["he-decrypt-seconds"] = time.perf_counter() - start
+        self._seconds[HE_DECRYPT_SECONDS] = time.perf_counter() - start
         if len(outputs) < self.committee_size:
             self._why = f"committee incomplete: {len(outputs)} of {self.committee_size} answered"
             return None
@@ -170,7 +178,7 @@ class CommitteeSum:
         expected = {t.name: t.shape for t in self._layout.tensors}
         outputs = []
         for reply in replies:
-            if reply.has_error() or "arrays" not in reply.content.array_records:
+            if reply.has_error() or ARRAYS_RECORD not in reply.content.array_records:
                 logger.warning(
                     "round %d: committee member %s did not decrypt: %s",
                     self._round,
@@ -178,7 +186,7 @@ class CommitteeSum:
                     reply.error.reason if reply.has_error() else "no arrays",
                 )
                 continue
-            out = {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
+            out = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS_RECORD].items()}
             if {k: v.shape for k, v in out.items()} != expected:
                 logger.warning("round %d: a committee output has the wrong layout", self._round)
                 continue

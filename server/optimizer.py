@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from common.runconfig import ServerConfig, ServerOptimizer
+from common.run.config import ServerConfig, ServerOptimizer
 
 __all__ = ["ServerOpt", "cosine_lr_scale", "make_server_optimizer"]
 

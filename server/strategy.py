@@ -1,8 +1,9 @@
 """The plain federated strategy: sample a cohort, send the global model, add up the updates.
 
 Clients send their update already weighted (``weight * (local - global)``) together with the
-weight, so the server only adds: the same protocol works when the updates are noised for
-differential privacy or encrypted, which wrap this strategy rather than change it.
+weight, so the server only adds (:mod:`server.aggregation`): the same protocol works when the
+updates are noised for differential privacy or encrypted, which wrap this strategy rather than
+change it (:mod:`server.dp`, :class:`server.he.CommitteeSum`).
 
 This follows Flower's Message-API :class:`flwr.serverapp.strategy.Strategy` interface
 (``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` / ``aggregate_evaluate``);
@@ -13,7 +14,7 @@ checkpoints, resumes, waits for node registration and reports progress.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,64 +30,28 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.inflatable.inflatable_object import InflatableObject
 
-from common.runconfig import Sampling, ServerConfig
+from common.privacy.rounds import PrivacyRound
+from common.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    EVAL_USERS,
+    METRICS_RECORD,
+    WEIGHT,
+    EvalMetrics,
+    ProtocolError,
+    is_refusal,
+    read_float,
+    read_seconds,
+)
+from common.rounds import RoundStats
+from common.run.config import Sampling, ServerConfig
+from server.aggregation import PlainSum, UpdateSum, apply_sum_inplace, to_numpy, wire_bytes
 from server.optimizer import ServerOpt
 
-__all__ = [
-    "FedRecStrategy",
-    "PlainSum",
-    "RoundStats",
-    "UpdateSum",
-    "apply_sum_inplace",
-    "sample_cohort",
-    "wire_bytes",
-]
+__all__ = ["FedRecStrategy", "RoundStrategy", "TrainResult", "sample_cohort"]
 
 logger = logging.getLogger(__name__)
-
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
-WEIGHT_KEY = "weight"
-EXAMPLES_KEY = "num-examples"
-
-
-_SIZE_CACHE: dict[tuple[object, ...], int] = {}
-
-
-def _cached_size(key: tuple[object, ...], measure: Callable[[], int]) -> int:
-    if key not in _SIZE_CACHE:
-        _SIZE_CACHE[key] = measure()
-    return _SIZE_CACHE[key]
-
-
-def _nested_size(obj: InflatableObject) -> int:
-    """Serialized size of ``obj`` and every object it references, counting repeats."""
-    children = obj.children or {}
-    return len(obj.deflate()) + sum(_nested_size(child) for child in children.values())
-
-
-def wire_bytes(content: RecordDict) -> int:
-    """Bytes ``content`` takes on the wire: the serialized size of all its records.
-
-    Flower sends a record tree as objects referenced by content hash (an ArrayRecord, its
-    Arrays, their data chunks). Their serialized sizes depend only on names, dtypes and shapes,
-    so an ArrayRecord's is measured once per layout; serializing and hashing every
-    multi-megabyte update again only to measure it would cost the server about 12 ms per reply.
-    The one difference from Flower's transfer: byte-identical chunks, which Flower sends once,
-    are counted each time they occur (rare for trained float weights).
-    """
-    layout = tuple((key, type(rec).__name__) for key, rec in content.items())
-    total = _cached_size(("dict", layout), lambda: len(content.deflate()))
-    for rec in content.values():
-        if isinstance(rec, ArrayRecord):
-            sig = tuple((k, a.dtype, tuple(a.shape), a.stype, len(a.data)) for k, a in rec.items())
-            total += _cached_size(("arrays", sig), lambda r=rec: _nested_size(r))  # type: ignore[misc]
-        else:
-            total += len(rec.deflate())
-    return total
 
 
 def sample_cohort(
@@ -107,113 +72,46 @@ def sample_cohort(
     return [ids[int(i)] for i in picked]
 
 
-def apply_sum_inplace(
-    weights: dict[str, np.ndarray],
-    total: Mapping[str, np.ndarray],
-    *,
-    denominator: float,
-    optimizer: ServerOpt,
-    lr_scale: float,
-) -> None:
-    """Move ``weights`` (in place) by the optimizer along ``total / denominator``.
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round's training exchange gave the round loop."""
 
-    ``total`` is the float64 sum of the returned (pre-weighted) updates; the average is taken
-    in float64 and cast to float32, then applied with the round's learning-rate factor. Shared
-    by :class:`FedRecStrategy` and the in-process engine (:mod:`simulations.fastsim`).
-    """
-    delta = {k: (v / denominator).astype(np.float32) for k, v in total.items()}
-    optimizer.step_inplace(weights, delta, lr_scale=lr_scale)
+    arrays: ArrayRecord | None
+    """The new global model, or ``None`` when nothing was applied."""
+    stats: RoundStats
+    replies: list[Message] = field(default_factory=list)
+    """The replies received, in canonical node order."""
+    privacy: PrivacyRound | None = None
+    """The round's privacy charge (set by a DP layer, :mod:`server.dp`)."""
 
 
-class UpdateSum(Protocol):
-    """How a round's returned updates are added up: in plaintext (:class:`PlainSum`) or as
-    ciphertexts with committee decryption (:class:`server.he.EncryptedSum`)."""
+class RoundStrategy(Protocol):
+    """What the round loop (:mod:`server.federation`) drives: the plain strategy or a layer
+    around it (:class:`server.dp.ClientDPStrategy`, :class:`server.dp.ExampleDPStrategy`)."""
 
-    def announce(self, config: ConfigRecord) -> None:
-        """Add what clients must know (e.g. the key fingerprint) to the train config."""
+    def train_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        *,
+        timeout: float,
+    ) -> TrainResult:
+        """Send the round's training messages, wait for the replies and aggregate them."""
 
-    def begin(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
-        """Start a round's sum; ``global_arrays`` is the model the clients received."""
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's evaluation step: whom to ask."""
 
-    def add(self, msg: Message) -> str | None:
-        """Add one reply's update; ``None`` when added, else why it was left out."""
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Flower's evaluation step: the clients' mean metrics."""
 
-    def total(self) -> dict[str, np.ndarray] | None:
-        """The float64 sum of what was added, or ``None`` when it cannot be released."""
-
-    def why_not(self) -> str:
-        """Why :meth:`total` returned ``None``."""
-
-    def timings(self) -> dict[str, float]:
-        """Seconds the server side of the sum took this round, by name."""
-
-
-class PlainSum:
-    """Adds plaintext updates (``arrays`` record) in float64 after checking names and shapes."""
-
-    def __init__(self) -> None:
-        self._expected: dict[str, tuple[int, ...]] = {}
-        self._total: dict[str, np.ndarray] | None = None
-
-    def announce(self, config: ConfigRecord) -> None:
-        """Nothing to announce."""
-
-    def begin(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
-        """Forget the last round's sum."""
-        self._expected = {k: v.shape for k, v in global_arrays.items()}
-        self._total = None
-
-    def add(self, msg: Message) -> str | None:
-        """Check the reply's arrays (names, shapes, finite) and add them."""
-        record = msg.content.array_records.get(ARRAYS_KEY)
-        if record is None:
-            return "reply has no arrays"
-        update = _to_numpy(record)
-        if set(update) != set(self._expected):
-            return "wrong array names"
-        for k, v in update.items():
-            if v.shape != self._expected[k]:
-                return f"array {k} has shape {v.shape}, expected {self._expected[k]}"
-            if not np.all(np.isfinite(v)):
-                return f"array {k} is not finite"
-        if self._total is None:
-            self._total = {k: v.astype(np.float64, copy=True) for k, v in update.items()}
-        else:
-            for k, v in update.items():
-                self._total[k] += v
-        return None
-
-    def total(self) -> dict[str, np.ndarray] | None:
-        """The sum (``None`` only when nothing was added)."""
-        return self._total
-
-    def why_not(self) -> str:
-        """Only an empty round has no sum."""
-        return "no update was added"
-
-    def timings(self) -> dict[str, float]:
-        """Plain sums are not timed separately."""
-        return {}
-
-
-@dataclass
-class RoundStats:
-    """What one round's training exchange produced, for the log, the ledger and results."""
-
-    invited: int = 0
-    returned: int = 0
-    failed: int = 0
-    dropped: int = 0
-    refused: int = 0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    applied: bool = False
-    discarded: bool = False
-    """The sum could not be released (e.g. the decryption committee disagreed)."""
-    reasons: list[str] = field(default_factory=list)
-    client_seconds: dict[str, float] = field(default_factory=dict)
-    server_seconds: dict[str, float] = field(default_factory=dict)
-    """Server-side cost of the sum by name (``he-aggregate-seconds``, ``he-decrypt-seconds``)."""
+    def summary(self) -> None:
+        """Log the strategy's settings."""
 
 
 class FedRecStrategy(Strategy):
@@ -228,24 +126,67 @@ class FedRecStrategy(Strategy):
     seed:
         Seed of the cohort sampling; round ``r`` uses ``default_rng([seed, r])`` so a resumed
         run samples exactly as an uninterrupted one.
+    node_ids:
+        Registered nodes in canonical order (sampling picks by position in this list); empty:
+        the grid's nodes, sorted.
+    summer:
+        How updates are added: :class:`PlainSum` (default) or ciphertexts
+        (:class:`server.he.CommitteeSum`).
+    fixed_denominator:
+        Clients pre-scale their updates by 1/m (client-level DP): the server sums without
+        dividing. Default: divide by the summed weight.
+    lr_scale:
+        Factor of the server learning rate in each round (default 1).
     """
 
-    def __init__(self, server: ServerConfig, optimizer: ServerOpt, *, seed: int) -> None:
+    def __init__(
+        self,
+        server: ServerConfig,
+        optimizer: ServerOpt,
+        *,
+        seed: int,
+        node_ids: Sequence[int] = (),
+        summer: UpdateSum | None = None,
+        fixed_denominator: bool = False,
+        lr_scale: Callable[[int], float] = lambda server_round: 1.0,
+    ) -> None:
         self.server = server
         self.optimizer = optimizer
         self.seed = seed
-        self.node_ids: list[int] = []
-        """Registered nodes in canonical order (sampling picks by position in this list)."""
-        self.last = RoundStats()
-        self.fixed_denominator = False
-        """With DP, clients pre-scale by 1/m: the server then sums without dividing."""
-        self.lr_scale = 1.0
-        """Factor of the server learning rate for the current round (set by the round loop)."""
-        self.summer: UpdateSum = PlainSum()
-        """How updates are added: plaintext, or ciphertexts (set by the encryption layer)."""
+        self.node_ids = list(node_ids)
+        self.fixed_denominator = fixed_denominator
+        self.summer: UpdateSum = summer if summer is not None else PlainSum()
+        self._lr_scale = lr_scale
+        self._stats = RoundStats()
         self._global: dict[str, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------- training
+
+    def train_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        *,
+        timeout: float,
+    ) -> TrainResult:
+        """Sample, send the global model, wait up to ``timeout`` s, aggregate (Flower's steps)."""
+        replies = list(
+            grid.send_and_receive(
+                self.configure_train(server_round, arrays, config, grid), timeout=timeout
+            )
+        )
+        new_arrays, _ = self.aggregate_train(server_round, replies)
+        return TrainResult(new_arrays, self._stats, self._canonical(replies))
+
+    def _canonical(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies in canonical node order: they arrive in whatever order the clients finish,
+        and floating-point addition is not associative."""
+        rank = {node: i for i, node in enumerate(self.node_ids)}
+        return sorted(
+            replies, key=lambda m: (rank.get(m.metadata.src_node_id, -1), m.metadata.src_node_id)
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -253,11 +194,11 @@ class FedRecStrategy(Strategy):
         """Sample the cohort and address the global model to each member."""
         rng = np.random.default_rng([self.seed, server_round])
         cohort = sample_cohort(self.node_ids or sorted(grid.get_node_ids()), self.server, rng)
-        self._global = {k: np.array(v, copy=True) for k, v in _to_numpy(arrays).items()}
+        self._global = {k: np.array(v, copy=True) for k, v in to_numpy(arrays).items()}
         self.summer.announce(config)
-        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: config})
         per_message = wire_bytes(content)
-        self.last = RoundStats(invited=len(cohort), bytes_down=per_message * len(cohort))
+        self._stats = RoundStats(invited=len(cohort), bytes_down=per_message * len(cohort))
         ttl = self.server.round_timeout + 60.0
         return [
             Message(
@@ -274,13 +215,8 @@ class FedRecStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the pre-weighted updates, divide by the summed weight, apply the optimizer."""
-        stats = self.last
-        # Sum in a fixed order (the canonical node order): replies arrive in whatever order
-        # the clients finish, and floating-point addition is not associative.
-        rank = {node: i for i, node in enumerate(self.node_ids)}
-        replies = sorted(
-            replies, key=lambda m: (rank.get(m.metadata.src_node_id, -1), m.metadata.src_node_id)
-        )
+        stats = self._stats
+        replies = self._canonical(replies)  # sum in a fixed order
         stats.dropped = stats.invited - len(replies)
         self.summer.begin(server_round, self._global)
         weight = 0.0
@@ -292,25 +228,30 @@ class FedRecStrategy(Strategy):
                 stats.reasons.append(f"node {msg.metadata.src_node_id}: {reason[:200]}")
                 continue
             stats.bytes_up += wire_bytes(msg.content)
-            metrics = msg.content.metric_records.get(METRICS_KEY)
-            problem = None
-            if metrics is None or (WEIGHT_KEY not in metrics and not metrics.get("refused")):
-                problem = "reply has no metrics/weight"
-            elif metrics.get("refused"):
+            metrics = msg.content.metric_records.get(METRICS_RECORD)
+            if is_refusal(metrics):  # over its privacy budget: counted, not an error
                 stats.refused += 1
                 continue
+            problem = None
+            reply_weight, reply_seconds = 0.0, {}
+            if metrics is None or WEIGHT not in metrics:
+                problem = "reply has no metrics/weight"
             else:
-                problem = self.summer.add(msg)
+                try:  # read before adding, so a malformed reply leaves the sum unchanged
+                    reply_weight = read_float(metrics, WEIGHT, record_name=METRICS_RECORD)
+                    reply_seconds = read_seconds(metrics, record_name=METRICS_RECORD)
+                except ProtocolError as err:
+                    problem = f"malformed reply: {err}"
+                else:
+                    problem = self.summer.add(msg)
             if problem is not None:
                 stats.failed += 1
                 stats.reasons.append(f"node {msg.metadata.src_node_id}: {problem}")
                 continue
-            assert metrics is not None
             stats.returned += 1
-            weight += float(metrics[WEIGHT_KEY])  # type: ignore[arg-type]
-            for key, value in metrics.items():
-                if key.endswith("-seconds") and isinstance(value, int | float):
-                    seconds[key] = seconds.get(key, 0.0) + float(value)
+            weight += reply_weight
+            for key, value in reply_seconds.items():
+                seconds[key] = seconds.get(key, 0.0) + value
         stats.client_seconds = seconds
         denominator = 1.0 if self.fixed_denominator else weight
         if stats.returned < self.server.min_clients or stats.returned == 0 or denominator <= 0:
@@ -334,7 +275,7 @@ class FedRecStrategy(Strategy):
             total,
             denominator=denominator,
             optimizer=self.optimizer,
-            lr_scale=self.lr_scale,
+            lr_scale=self._lr_scale(server_round),
         )
         stats.applied = True
         return _from_numpy(self._global), MetricRecord({"returned": stats.returned})
@@ -347,7 +288,7 @@ class FedRecStrategy(Strategy):
         """Ask a sampled cohort to score the global model on its own held-out items."""
         rng = np.random.default_rng([self.seed, server_round, 1])
         cohort = sample_cohort(self.node_ids or list(grid.get_node_ids()), self.server, rng)
-        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: config})
         ttl = self.server.round_timeout + 60.0
         return [
             Message(
@@ -366,22 +307,25 @@ class FedRecStrategy(Strategy):
         """Average the clients' metrics, weighted by the users each evaluated."""
         sums: dict[str, float] = {}
         users = 0.0
-        for msg in replies:
+        for msg in self._canonical(replies):  # a fixed order: the same seed, the same mean
             if msg.has_error():
                 continue
-            metrics = msg.content.metric_records.get(METRICS_KEY)
-            if metrics is None:
+            metrics = msg.content.metric_records.get(METRICS_RECORD)
+            if metrics is None or EVAL_USERS not in metrics:
                 continue
-            n = float(metrics.get("eval-users", 0))  # type: ignore[arg-type]
-            if n <= 0:
+            try:
+                reply = EvalMetrics.read(metrics)
+            except ProtocolError as err:
+                logger.warning("round %d: evaluate reply ignored: %s", server_round, err)
                 continue
-            users += n
-            for key, value in metrics.items():
-                if key.startswith(("ndcg@", "recall@")):
-                    sums[key] = sums.get(key, 0.0) + n * float(value)  # type: ignore[arg-type]
+            if reply.eval_users <= 0:
+                continue
+            users += reply.eval_users
+            for key, value in reply.metrics.items():
+                sums[key] = sums.get(key, 0.0) + reply.eval_users * value
         if users == 0:
             return None
-        return MetricRecord({**{k: v / users for k, v in sums.items()}, "eval-users": users})
+        return EvalMetrics(users, {k: v / users for k, v in sums.items()}).to_record()
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -395,10 +339,6 @@ class FedRecStrategy(Strategy):
             s.optimizer.value,
             s.lr,
         )
-
-
-def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: arr.numpy() for key, arr in record.items()}
 
 
 def _from_numpy(arrays: dict[str, np.ndarray]) -> ArrayRecord:

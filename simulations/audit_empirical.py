@@ -12,8 +12,8 @@ Algorithm 1), but without Flower or a model, so that an audit takes about a seco
   of the ``N`` benign clients and each registered canary takes part with probability ``q``;
 - the auditor sees every released aggregate and scores each canary by its coordinate of their sum
   (the final model of FedAvg with server learning rate 1), then guesses with
-  :func:`common.empirical.audit_guesses` and turns (r, v) into a bound with
-  :func:`common.empirical.epsilon_lower_bound`.
+  :func:`common.privacy.empirical.audit_guesses` and turns (r, v) into a bound with
+  :func:`common.privacy.empirical.epsilon_lower_bound`.
 
 Shortcuts, each statistically equivalent or conservative for the claim "the bound stays below the
 claimed epsilon":
@@ -49,7 +49,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from common.empirical import audit_guesses, epsilon_lower_bound
 from common.privacy import (
     AccountantKind,
     MechanismStep,
@@ -60,6 +59,7 @@ from common.privacy import (
     compute_epsilon,
     default_delta,
 )
+from common.privacy.empirical import audit_guesses, epsilon_lower_bound
 
 __all__ = ["DEFAULT_DIM", "AuditResult", "main", "run_audit"]
 

@@ -28,8 +28,8 @@ from rich.table import Table
 
 from client.local import compute_update, split_local
 from common.model import build_model
-from common.runconfig import load_run_config
-from common.rundata import load_client_shard, load_eval_data
+from common.run.config import load_run_config
+from common.run.folder import load_client_shard, load_eval_data
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def main() -> None:
     cmd = [
         sys.executable,
         "-m",
-        "common.cli",
+        "simulations.cli",
         "simulate",
         "--config",
         str(args.config),

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.baselines import EASE, Popularity
 from common.checkpoint import Checkpoint, save_checkpoint
 from common.data import Dataset, Split, load_dataset, split_strong_generalization
 from common.io import atomic_write_json
@@ -27,6 +26,7 @@ from common.metrics import evaluate
 from common.model import ModelConfig, ModelKind, anneal_beta, build_model
 from common.seeding import seed_everything
 from common.training import score_users, train_epochs
+from simulations.baselines import EASE, Popularity
 
 __all__ = ["CentralConfig", "CentralResult", "RecommenderKind", "run_central", "split_columns"]
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from common.model import ModelConfig, ModelKind
-from common.runconfig import RunConfig
-from common.rundata import _client_arrays, client_sizes
+from common.run.config import RunConfig
+from common.run.folder import _client_arrays, client_sizes
 
 __all__ = [
     "batched_unsupported",

@@ -1,9 +1,11 @@
 """In-process engine: the rounds of a Flower run of fedrec, without Flower, for large sweeps.
 
+(Over 400 lines: its two client engines and the round loop they feed are read together.)
+
 A Flower simulation of 100,000 clients with about 1,000 per round costs some 30 s a round on two
 cores, nearly all of it per-client messaging. This engine runs the same per-round algorithm as
 :func:`server.federation.run_federation` with ``privacy.mode`` ``off`` or ``client``, in one
-process, on a folder prepared by :func:`common.rundata.write_run_folder`:
+process, on a folder prepared by :func:`common.run.folder.write_run_folder`:
 
 1. cohort: :func:`server.strategy.sample_cohort` over the clients in partition order with
    ``default_rng([seed, round])`` (the Flower run orders its nodes by partition id, so a seed
@@ -11,18 +13,21 @@ process, on a folder prepared by :func:`common.rundata.write_run_folder`:
 2. round settings: ``beta = anneal_beta(round)`` and the cosine server learning-rate factor,
    as the round loop sends them;
 3. each client's update: :func:`client.local.compute_update` on the client's
-   :func:`client.local.split_local` training rows with the ClientApp's seeds; with DP, the
-   update goes through :func:`client.dp_mod.privatize_update` (clip to C, noise share
+   :func:`client.local.split_local` training rows with the ClientApp's seeds
+   (:func:`common.rounds.train_seed`, :func:`common.rounds.split_seed`); with DP, the update
+   goes through :func:`common.privacy.privatize_update` (clip to C, noise share
    N(0, (zC)^2 / m), divide by m), as the client mod does;
 4. aggregation: the float64 sum in partition order, then
-   :func:`server.strategy.apply_sum_inplace` (fixed denominator 1 with DP, else the summed
+   :func:`server.aggregation.apply_sum_inplace` (fixed denominator 1 with DP, else the summed
    weight) with the server optimizer :func:`server.optimizer.make_server_optimizer`;
-5. accounting: :func:`server.dp.plan_privacy` and :class:`server.dp.ClientDPStrategy` itself
-   (effective z with the real participant count, incremental RDP, final PRV) writing
-   ``OUT/ledger.jsonl``, which ``fedrec audit verify`` checks like a Flower run's;
-6. evaluation: the same test metrics on the held-out test users every ``eval_every`` rounds and
-   at the end. (The Flower run also asks a cohort to score the model on local held-out items;
-   that changes nothing in training and is skipped here.)
+5. accounting: :func:`common.privacy.plan_privacy`, a :class:`common.privacy.PrivacyAccountant`
+   and :func:`common.privacy.rounds.charge_round`, as the server's DP layer (effective z with the
+   real participant count, incremental RDP, final PRV), writing ``OUT/ledger.jsonl``, which
+   ``fedrec audit verify`` checks like a Flower run's;
+6. evaluation: the same test metrics (:func:`common.rounds.test_metrics`) on the held-out test
+   users every ``eval_every`` rounds and at the end; each round is a
+   :class:`common.rounds.RoundRecord`. (The Flower run also asks a cohort to score the model
+   on local held-out items; that changes nothing in training and is skipped here.)
 
 Two client engines compute step 3 (:class:`ClientEngine`):
 
@@ -66,29 +71,38 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord
 
-from client.dp_mod import client_epsilon_after, privatize_update
 from client.local import LocalData, compute_update, split_local
 from common.config import to_dict
 from common.io import atomic_write_json
-from common.metrics import evaluate
 from common.model import ModelConfig, anneal_beta, build_model
-from common.privacy import client_noise_std
-from common.runconfig import PrivacyMode, RunConfig, load_run_config
-from common.rundata import EvalData, load_client_shard, load_eval_data, n_clients_of
-from common.training import score_users
-from server.dp import ClientDPStrategy, DPPlan, plan_privacy
-from server.federation import ServerState, open_ledger
+from common.privacy import (
+    DPPlan,
+    PrivacyAccountant,
+    client_epsilon_after,
+    client_noise_std,
+    plan_privacy,
+    privatize_update,
+)
+from common.privacy.ledger import LedgerWriter
+from common.privacy.rounds import (
+    charge_round,
+    client_round_step,
+    ledger_header,
+    privacy_summary,
+)
+from common.rounds import RoundRecord, RoundStats, split_seed, test_metrics, train_seed
+from common.run.config import PrivacyMode, RunConfig, load_run_config
+from common.run.folder import load_client_shard, load_eval_data, n_clients_of
+from server.aggregation import apply_sum_inplace
 from server.optimizer import ServerOpt, cosine_lr_scale, make_server_optimizer
-from server.strategy import FedRecStrategy, RoundStats, apply_sum_inplace, sample_cohort
+from server.strategy import sample_cohort
 from simulations.cohort_batch import batched_unsupported, client_train_rows, cohort_update_sum
 
 __all__ = [
     "ENGINE_NAME",
     "ClientEngine",
     "InProcessResult",
-    "evaluate_test_users",
     "run_inprocess",
 ]
 
@@ -122,19 +136,6 @@ class InProcessResult:
     wall_seconds: float
 
 
-# ------------------------------------------------------------------------------ client seeds
-
-
-def _train_seed(cfg: RunConfig, server_round: int, client_id: int) -> int:
-    """The seed the ClientApp gives ``compute_update`` (``client.app.train``)."""
-    return cfg.seed * 1_000_003 + server_round * 7919 + client_id
-
-
-def _split_seed(cfg: RunConfig, client_id: int) -> int:
-    """The seed of the client's local held-out split (``client.app._local_data``)."""
-    return cfg.seed * 1_000_003 + client_id
-
-
 @lru_cache(maxsize=4096)
 def _local_data(run_dir: str, client_id: int, fraction: float, seed: int) -> LocalData:
     shard = load_client_shard(Path(run_dir), client_id)
@@ -142,30 +143,6 @@ def _local_data(run_dir: str, client_id: int, fraction: float, seed: int) -> Loc
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-class _RecordedInner(FedRecStrategy):
-    """The plain strategy under :class:`ClientDPStrategy` when the engine aggregates itself.
-
-    The engine sets :attr:`last` to the round's stats before asking the DP layer to account
-    it; the DP layer's call to ``aggregate_train`` then has nothing left to do.
-    """
-
-    def aggregate_train(
-        self, server_round: int, replies: Any
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Nothing: the engine applied the round already."""
-        return None, None
-
-
-def evaluate_test_users(
-    model_cfg: ModelConfig, weights: dict[str, np.ndarray], data: EvalData
-) -> dict[str, float]:
-    """Test NDCG@100, Recall@20/50 and coverage@20 of ``weights`` (as the Flower server does)."""
-    model = build_model(model_cfg)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    m = evaluate(lambda x: score_users(model, x), data.test_foldin, data.test_holdout)
-    return {k: float(m[k]) for k in ("ndcg@100", "recall@20", "recall@50", "coverage@20")}
 
 
 class _Round:
@@ -213,7 +190,7 @@ class _Round:
         weight = 0.0
         for cid in cohort:
             data = _local_data(
-                str(self.run_dir), cid, cfg.data.client_holdout_fraction, _split_seed(cfg, cid)
+                str(self.run_dir), cid, cfg.data.client_holdout_fraction, split_seed(cfg.seed, cid)
             )
             update = compute_update(
                 state,
@@ -221,7 +198,7 @@ class _Round:
                 model_config=self.model_cfg,
                 client=cfg.client,
                 beta=beta,
-                seed=_train_seed(cfg, server_round, cid),
+                seed=train_seed(cfg.seed, server_round, cid),
             )
             delta, w = update.delta, update.weight
             if plan is not None:
@@ -250,9 +227,9 @@ class _Round:
             self.run_dir,
             cohort,
             fraction=cfg.data.client_holdout_fraction,
-            split_seeds=[_split_seed(cfg, cid) for cid in cohort],
+            split_seeds=[split_seed(cfg.seed, cid) for cid in cohort],
         )
-        seeds = [_train_seed(cfg, server_round, cid) for cid in cohort]
+        seeds = [train_seed(cfg.seed, server_round, cid) for cid in cohort]
         total, _ = cohort_update_sum(
             weights,
             self.model_cfg,
@@ -271,6 +248,53 @@ class _Round:
             total[key] += self.noise_rng.normal(0.0, std, size=total[key].shape)
             total[key] /= m
         return total, len(cohort) / m
+
+
+def _train_round(
+    cfg: RunConfig,
+    plan: DPPlan | None,
+    clients: _Round,
+    node_ids: list[int],
+    weights: dict[str, np.ndarray],
+    optimizer: ServerOpt,
+    rnd: int,
+) -> RoundStats:
+    """Sample, refuse over budget, train, sum and apply one round (``weights`` in place)."""
+    beta = anneal_beta(rnd, cap=cfg.model.beta_cap, total_steps=cfg.model.anneal_steps)
+    lr_scale = cosine_lr_scale(rnd, rounds=cfg.rounds, final_fraction=cfg.server.lr_final_fraction)
+    invited = sample_cohort(node_ids, cfg.server, np.random.default_rng([cfg.seed, rnd]))
+    stats = RoundStats(invited=len(invited))
+    cohort = invited
+    budget = cfg.privacy.client_budget
+    if plan is not None and budget is not None and cohort:
+        eps_after = client_epsilon_after(
+            server_round=rnd,
+            noise_multiplier=plan.guard_noise_multiplier,
+            sample_rate=plan.sample_rate,
+            delta=plan.delta,
+        )
+        if eps_after > budget:  # every client's own accountant says the same
+            stats.refused, cohort = len(cohort), []
+    failing = set(cfg.simulation.fail_clients)
+    cohort = [c for c in cohort if c not in failing]  # injected failures
+    stats.failed = len(invited) - stats.refused - len(cohort)
+    total, weight = clients.updates(weights, cohort, server_round=rnd, beta=beta)
+    stats.returned = len(cohort)
+    denominator = 1.0 if plan is not None else weight
+    if total is not None and stats.returned >= cfg.server.min_clients and denominator > 0:
+        apply_sum_inplace(
+            weights, total, denominator=denominator, optimizer=optimizer, lr_scale=lr_scale
+        )
+        stats.applied = True
+    else:
+        logger.warning(
+            "round %d: %d of %d invited returned (minimum %d); nothing applied",
+            rnd,
+            stats.returned,
+            stats.invited,
+            cfg.server.min_clients,
+        )
+    return stats
 
 
 def _resolve_engine(engine: ClientEngine, cfg: RunConfig, run_dir: Path) -> ClientEngine:
@@ -307,7 +331,7 @@ def run_inprocess(
     cfg:
         The run; ``privacy.mode`` ``off`` or ``client``.
     run_dir:
-        Folder with ``data/`` written by :func:`common.rundata.write_run_folder` for ``cfg``.
+        Folder with ``data/`` written by :func:`common.run.folder.write_run_folder` for ``cfg``.
     out:
         Where ``results.json`` (and with DP ``ledger.jsonl``) go; default ``run_dir``. An
         existing ledger there is replaced (the engine does not resume).
@@ -337,82 +361,35 @@ def run_inprocess(
     weights = {k: v.detach().numpy().copy() for k, v in init.state_dict().items()}
     population = n_clients_of(run_dir)
     plan = plan_privacy(cfg, population)
-    dp: ClientDPStrategy | None = None
-    inner = _RecordedInner(cfg.server, optimizer, seed=cfg.seed)
+    accountant, ledger = None, None
     if plan is not None:
+        accountant = PrivacyAccountant(delta=plan.delta)
         (out / "ledger.jsonl").unlink(missing_ok=True)
-        ledger = open_ledger(out, cfg, plan, ServerState(round=0, weights={}, optimizer={}))
-        dp = ClientDPStrategy(inner, plan, ledger)
-        dp.summary()
+        header = ledger_header(run_id=out.name, cfg=cfg, plan=plan)
+        ledger = LedgerWriter.create(out / "ledger.jsonl", header)
     else:
         logger.warning("privacy.mode = 'off': updates carry no differential privacy")
-    rng = np.random.default_rng(noise_seed)
-    clients = _Round(cfg, run_dir, model_cfg, plan, engine, rng)
+    clients = _Round(cfg, run_dir, model_cfg, plan, engine, np.random.default_rng(noise_seed))
     node_ids = list(range(population))  # partition order, the Flower run's canonical order
-    failing = set(cfg.simulation.fail_clients)
-    budget = cfg.privacy.client_budget
     logger.info("in-process run: %d clients, %s client engine", population, engine.value)
     rounds: list[dict[str, Any]] = []
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        beta = anneal_beta(rnd, cap=cfg.model.beta_cap, total_steps=cfg.model.anneal_steps)
-        lr_scale = cosine_lr_scale(
-            rnd, rounds=cfg.rounds, final_fraction=cfg.server.lr_final_fraction
-        )
-        invited = sample_cohort(node_ids, cfg.server, np.random.default_rng([cfg.seed, rnd]))
-        stats = RoundStats(invited=len(invited))
-        cohort = invited
-        if plan is not None and budget is not None and cohort:
-            z_guard = plan.accounting_noise_multiplier or plan.noise_multiplier
-            eps_after = client_epsilon_after(
+        stats = _train_round(cfg, plan, clients, node_ids, weights, optimizer, rnd)
+        record = RoundRecord(round=rnd, stats=stats)
+        if plan is not None and accountant is not None and ledger is not None:
+            record.privacy = charge_round(
+                accountant,
+                plan,
                 server_round=rnd,
-                noise_multiplier=z_guard,
-                sample_rate=plan.sample_rate,
-                delta=plan.delta,
+                invited=stats.invited,
+                participated=stats.returned,
+                step=client_round_step(plan, participated=stats.returned),
             )
-            if eps_after > budget:  # every client's own accountant says the same
-                stats.refused, cohort = len(cohort), []
-        cohort = [c for c in cohort if c not in failing]  # injected failures
-        stats.failed = len(invited) - stats.refused - len(cohort)
-        total, weight = clients.updates(weights, cohort, server_round=rnd, beta=beta)
-        stats.returned = len(cohort)
-        denominator = 1.0 if plan is not None else weight
-        if total is not None and stats.returned >= cfg.server.min_clients and denominator > 0:
-            apply_sum_inplace(
-                weights, total, denominator=denominator, optimizer=optimizer, lr_scale=lr_scale
-            )
-            stats.applied = True
-        else:
-            logger.warning(
-                "round %d: %d of %d invited returned (minimum %d); nothing applied",
-                rnd,
-                stats.returned,
-                stats.invited,
-                cfg.server.min_clients,
-            )
-        record: dict[str, Any] = {
-            "round": rnd,
-            "sampled": stats.invited,
-            "returned": stats.returned,
-            "failed": stats.failed,
-            "dropped": 0,
-            "refused": stats.refused,
-            "applied": stats.applied,
-            "ndcg@100": None,
-            "recall@20": None,
-        }
-        if dp is not None:
-            inner.last = stats
-            dp.aggregate_train(rnd, [])
-            record["epsilon"] = dp.epsilon
-            record["epsilon_rdp"] = dp.epsilon_rdp
-            record["participated"] = stats.returned
-            record["effective_noise_multiplier"] = dp.pending["effective_noise_multiplier"]
-            dp.commit_round()
+            ledger.append_round(record.privacy.to_record())
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-            test = evaluate_test_users(model_cfg, weights, data)
-            record["ndcg@100"], record["recall@20"] = test["ndcg@100"], test["recall@20"]
-        record["seconds"] = round(time.perf_counter() - t0, 4)
+            record.test = test_metrics(model_cfg, weights, data)
+        record.seconds = time.perf_counter() - t0
         logger.info(
             "round %d: sampled %d, returned %d, failed %d, refused %d; %.2f s; NDCG@100 %s%s",
             rnd,
@@ -420,26 +397,18 @@ def run_inprocess(
             stats.returned,
             stats.failed,
             stats.refused,
-            record["seconds"],
-            record["ndcg@100"],
-            "" if dp is None else f"; epsilon {dp.epsilon:.4g}",
+            record.seconds,
+            None if record.test is None else record.test["ndcg@100"],
+            "" if record.privacy is None else f"; epsilon {record.privacy.epsilon:.4g}",
         )
-        rounds.append(record)
-    final: dict[str, Any] = {"test": evaluate_test_users(model_cfg, weights, data)}
-    if dp is not None:
-        dp.close()
-        p = dp.plan
-        final["privacy"] = {
-            "epsilon": dp.epsilon,
-            "epsilon_rdp": dp.epsilon_rdp,
-            "delta": p.delta,
-            "noise_multiplier": p.noise_multiplier,
-            "clip": p.clip,
-            "sample_rate": p.sample_rate,
-            "steps_per_round": p.steps_per_round,
-            "mode": p.mode.value,
-            "accountant": "prv",
-        }
+        rounds.append(record.to_dict())
+    final: dict[str, Any] = {"test": test_metrics(model_cfg, weights, data)}
+    if plan is not None and ledger is not None:
+        last = rounds[-1]["ledger"] if rounds else None
+        final["privacy"] = privacy_summary(plan, last)
+        ledger.close(
+            epsilon=final["privacy"]["epsilon"], epsilon_rdp=final["privacy"]["epsilon_rdp"]
+        )
     wall = time.perf_counter() - start
     atomic_write_json(
         out / "results.json",
@@ -458,7 +427,7 @@ def run_inprocess(
 
 def main() -> None:
     """Prepare the run folder and run it in process."""
-    from common.rundata import write_run_folder
+    from common.run.folder import write_run_folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)

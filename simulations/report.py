@@ -1,5 +1,7 @@
 """Pictures and an offline HTML page for a finished (or partial) federated run.
 
+(Over 400 lines: one self-contained page, its plots, tables and inline CSS, in one module.)
+
 Reads ``RUN_DIR/results.json`` and writes ``metrics.png``, ``cost.png``, ``epsilon.png`` (when the
 run tracked a privacy budget) and ``report.html`` next to it. The HTML page is one self-contained
 file: the pictures are embedded as base64 ``data:`` URIs and the CSS is inline, so it opens

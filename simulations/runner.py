@@ -25,8 +25,8 @@ from common.errors import FedrecError
 from common.he import ParamSet, init_keys
 from common.io import atomic_write_json
 from common.processes import interrupts_raise
-from common.runconfig import RunConfig, load_run_config
-from common.rundata import write_run_folder
+from common.run.config import RunConfig, load_run_config
+from common.run.folder import write_run_folder
 
 __all__ = ["ProgressEvent", "SimulationOutcome", "prepare_run", "simulate"]
 

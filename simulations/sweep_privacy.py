@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from common.runconfig import load_run_config
+from common.run.config import load_run_config
 from simulations.central import CentralConfig, RecommenderKind, run_central
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _run_point(config: Path, out: Path, epsilon: float, sets: list[str]) -> dict
     cmd = [
         sys.executable,
         "-m",
-        "common.cli",
+        "simulations.cli",
         "simulate",
         "--config",
         str(config),

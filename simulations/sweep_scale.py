@@ -31,11 +31,11 @@ from matplotlib.ticker import FuncFormatter
 from rich.console import Console
 from rich.table import Table
 
-from common.baselines import Popularity
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.metrics import evaluate
-from common.runconfig import load_run_config
-from common.rundata import load_eval_data, n_clients_of, write_run_folder
+from common.run.config import load_run_config
+from common.run.folder import load_eval_data, n_clients_of, write_run_folder
+from simulations.baselines import Popularity
 from simulations.cohort_batch import population_rows
 from simulations.fastsim import ENGINE_NAME, ClientEngine, run_inprocess
 

@@ -1,6 +1,6 @@
 """Interaction-file formats: detect which one a path holds and read its rows.
 
-Supported (see ``DESIGN.md``, section Data):
+Supported (see docs/design.md, "Data protocol"):
 
 ========================  ====================================  ===========================
 format                    interaction file                      side files (optional)

@@ -1,14 +1,15 @@
 """Encrypt a model update, check and add encrypted updates, decrypt the sum.
 
-The three steps of DESIGN.md's round, for CKKS (Cheon, Kim, Kim and Song 2017):
+The three steps of docs/design.md, "One training round", for CKKS (Cheon, Kim, Kim and Song 2017):
 
 - a client flattens its (clipped, noised, ``1/m``-scaled) update in layout order, cuts it into
   chunks of ``n`` values, packs each pair of values into one complex CKKS slot (real and imaginary
   part: ``n / 2`` slots hold ``n`` values, twice what real-only encoding holds) and encrypts each
   chunk with the *secret* key, as a seeded ciphertext (:func:`encrypt_update`). Symmetric-key
-  encryption is enough because every device holds the secret key anyway (DESIGN.md), has a smaller
-  error than public-key encryption, and SEAL can then send the ciphertext's random half as a
-  64-byte PRNG seed: half the bytes. Both halve the bytes and the time per value.
+  encryption is enough because every device holds the secret key anyway (docs/design.md,
+  "Encryption"), has a smaller error than public-key encryption, and SEAL can then send the
+  ciphertext's random half as a 64-byte PRNG seed: half the bytes. Both halve the bytes and the
+  time per value.
 - the server checks each update (:func:`check_update`) and adds the valid ones
   (:class:`SumAccumulator`, :func:`add_updates`): additions only, with the public context.
 - each committee member decrypts the sum, floods it with noise and rounds it

@@ -19,8 +19,9 @@ context itself reports (ring degree, total coefficient bits, read from SEAL's mo
 compare it with ``params.json``; TenSEAL does not expose the individual prime sizes, so those come
 from ``params.json`` and are checked for consistency with the chain's length and total.
 
-Known limit (DESIGN.md): all devices share one secret key, so a device colluding with the server
-could read others' ciphertexts; the DP noise each device adds is the second line of defence.
+Known limit (docs/design.md, "Encryption"): all devices share one secret key, so a device
+colluding with the server could read others' ciphertexts; the DP noise each device adds is the
+second line of defence.
 """
 
 from __future__ import annotations

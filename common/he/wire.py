@@ -27,6 +27,8 @@ from flwr.app import ConfigRecord
 
 from common.errors import FedrecError
 from common.he.params import HEParams
+from common.protocol import DECRYPT_MESSAGE_TYPE as DECRYPT_MESSAGE_TYPE  # common.he exports it
+from common.protocol import HE_FINGERPRINT, HE_RECORD, HE_SUM_RECORD
 
 __all__ = [
     "FORMAT_VERSION",
@@ -386,12 +388,11 @@ def _field(record: Mapping[str, object], key: str, kind: type[_T]) -> _T:
     return value
 
 
-# Names the Flower messages of an encrypted round use (server.he and client.he_mod agree on them)
-HE_RECORD_KEY = "he"
+# Names the Flower messages of an encrypted round use: defined once in common.protocol, kept
+# here under their common.he names
+HE_RECORD_KEY = HE_RECORD
 """Config record of a client's reply that carries its encrypted update."""
-HE_SUM_KEY = "he-sum"
+HE_SUM_KEY = HE_SUM_RECORD
 """Config record of a committee request that carries the encrypted sum."""
-HE_FINGERPRINT_KEY = "he-fingerprint"
+HE_FINGERPRINT_KEY = HE_FINGERPRINT
 """Train-config key announcing the key pair the server expects."""
-DECRYPT_MESSAGE_TYPE = "query.decrypt"
-"""Message type of a committee request (a Flower query with action ``decrypt``)."""

@@ -14,7 +14,8 @@ from flwr.app import (
     RecordDict,
 )
 
-from client.dp_mod import client_epsilon_after, make_client_dp_mod
+from client.dp_mod import make_client_dp_mod
+from common.privacy import client_epsilon_after
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

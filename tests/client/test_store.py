@@ -28,8 +28,8 @@ from client.store import (
 from common.checkpoint import load_checkpoint
 from common.errors import DataError
 from common.model import build_model
-from common.runconfig import load_run_config
-from common.runinfo import ITEM_IDS_KEY, RUN_CONFIG_KEY, read_run_info, run_info_config
+from common.run.config import load_run_config
+from common.run.info import ITEM_IDS_KEY, RUN_CONFIG_KEY, read_run_info, run_info_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -1,20 +1,23 @@
-"""The server's DP plan (calibration under Poisson participation, silo DP-SGD bounds) and the
-example-level layer's accounting."""
+"""The server's DP layers: what they announce, the fixed denominator, what a round is charged."""
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from flwr.serverapp import Grid
 
-from common.ledger import LedgerWriter
-from common.privacy import AccountantKind, MechanismStep, compute_epsilon
-from common.runconfig import (
+from common.privacy import (
+    AccountantKind,
+    MechanismStep,
+    PrivacyAccountant,
+    compute_epsilon,
+    plan_privacy,
+)
+from common.protocol import ClientDPConfig
+from common.run.config import (
     ClientConfig,
     PrivacyConfig,
     PrivacyMode,
@@ -23,22 +26,17 @@ from common.runconfig import (
     ServerConfig,
     ServerOptimizer,
 )
-from server.dp import (
-    ExampleDPStrategy,
-    RdpTracker,
-    dpsgd_shape,
-    participation_factor,
-    plan_privacy,
-)
+from server.dp import ClientDPStrategy, ExampleDPStrategy
 from server.optimizer import ServerOpt
-from server.strategy import FedRecStrategy
+from server.strategy import FedRecStrategy, TrainResult
+
+if TYPE_CHECKING:
+    from tests.server.conftest import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _run(
-    privacy: PrivacyConfig, *, q: float = 0.1, rounds: int = 30, **client: object
-) -> RunConfig:
+def _run(privacy: PrivacyConfig, *, q: float, rounds: int, **client: object) -> RunConfig:
     return RunConfig(
         rounds=rounds,
         server=ServerConfig(sampling=Sampling.POISSON, sample_rate=q),
@@ -47,109 +45,94 @@ def _run(
     )
 
 
-def test_participation_factor_is_one_at_full_participation_and_below_one_otherwise() -> None:
-    assert participation_factor(population=50, sample_rate=1.0, quantile=0.025) == 1.0
-    f = participation_factor(population=738, sample_rate=0.1, quantile=0.025)
-    # Binomial(738, 0.1): mean 73.8, 2.5% quantile 58 -> sqrt(58 / 73.8) = 0.887
-    assert f == pytest.approx(math.sqrt(58 / 73.8), rel=1e-9)
-    assert f < participation_factor(population=738, sample_rate=0.1, quantile=0.3) <= 1.0
-
-
-@settings(max_examples=5, deadline=None)
-@given(
-    target=st.sampled_from([1.0, 2.0, 4.0]),
-    population=st.integers(min_value=500, max_value=5000),
-    q=st.sampled_from([0.05, 0.1]),
-)
-def test_calibrated_run_stays_within_target_under_poisson_participation(
-    target: float, population: int, q: float
-) -> None:
-    """Rounds draw k ~ Binomial(N, q) participants; simulated runs stay within the target.
-
-    The floor is per round, so it is a high-probability guarantee: with m = qN >= 25 no
-    simulated run overshoots; with a handful of expected participants (m ~ 10) a run whose
-    rounds often fall to 1-3 participants can (the ledger then reports it, see the README).
-    """
-    rounds = 40
-    privacy = PrivacyConfig(mode=PrivacyMode.CLIENT, target_epsilon=target, accountant="rdp")
-    plan = plan_privacy(_run(privacy, q=q, rounds=rounds), population)
-    assert plan is not None and plan.accounting_noise_multiplier is not None
-    assert plan.noise_multiplier > plan.accounting_noise_multiplier
-    rng = np.random.default_rng([population, int(q * 100), int(target)])
-    m = q * population
-    for _ in range(10):  # 10 simulated runs, each charged with its real participant counts
-        tracker = RdpTracker()
-        for k in rng.binomial(population, q, size=rounds):
-            if k > 0:
-                tracker.add(MechanismStep(plan.noise_multiplier * math.sqrt(k / m), q))
-        assert tracker.epsilon(plan.delta) <= target
-
-
-@pytest.mark.parametrize(
-    ("n", "batch", "epochs", "expected"),
-    [(25, 8, 1, (0.25, 4)), (24, 8, 2, (1 / 3, 6)), (5, 8, 1, (1.0, 1))],
-)
-def test_dpsgd_shape_matches_opacus_poisson_loader(
-    n: int, batch: int, epochs: int, expected: tuple[float, int]
-) -> None:
-    q, steps = dpsgd_shape(n, batch_size=batch, epochs=epochs)
-    assert (q, steps) == (pytest.approx(expected[0]), expected[1])
-
-
-def test_example_plan_bounds_every_silo_and_counts_users() -> None:
-    cfg = _run(
-        PrivacyConfig(mode=PrivacyMode.EXAMPLE, noise_multiplier=1.2),
-        q=1.0,
-        batch_size=10,
-        local_epochs=2,
-    )
-    plan = plan_privacy(cfg, 3, silo_sizes=[15, 40, 100])
-    assert plan is not None
-    # smallest silo (15 users): 2 batches -> q = 1/2; largest (100): 10 batches x 2 epochs
-    assert (plan.sample_rate, plan.steps_per_round) == (0.5, 20)
-    assert plan.population == 155 and plan.noise_multiplier == 1.2
-    with pytest.raises(ValueError, match="silo"):
-        plan_privacy(cfg, 3)
-
-
-def test_example_mode_needs_sgd() -> None:
-    with pytest.raises(ValueError, match="sgd"):
-        RunConfig(
-            client=ClientConfig(optimizer="adam"),
-            privacy=PrivacyConfig(mode=PrivacyMode.EXAMPLE, noise_multiplier=1.0),
-        )
-
-
-def _silo_reply(instruction: Message, *, steps: int, q: float) -> Message:
-    metrics = MetricRecord(
-        {"weight": 10.0, "num-examples": 10, "dpsgd-steps": steps, "dpsgd-sample-rate": q}
-    )
-    arrays = ArrayRecord([np.ones(2, dtype=np.float32)])
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=instruction)
-
-
-def test_example_layer_charges_the_plan_or_more_and_ledger_records_it(tmp_path: Path) -> None:
+def _inner(*, fixed_denominator: bool) -> FedRecStrategy:
     server = ServerConfig(optimizer=ServerOptimizer.FEDAVG, lr=1.0, sample_rate=1.0)
-    inner = FedRecStrategy(server, ServerOpt(kind=server.optimizer, lr=1.0), seed=0)
-    inner.node_ids = [1, 2]
+    return FedRecStrategy(
+        server,
+        ServerOpt(kind=server.optimizer, lr=1.0),
+        seed=0,
+        node_ids=[1, 2],
+        fixed_denominator=fixed_denominator,
+    )
+
+
+def _reply(instruction: Message, **metrics: float | int) -> Message:
+    record = MetricRecord({"weight": 10.0, "num-examples": 10, "loss": 1.0, **metrics})
+    arrays = ArrayRecord([np.ones(2, dtype=np.float32)])
+    return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=instruction)
+
+
+def _train(
+    strategy: ClientDPStrategy | ExampleDPStrategy, grid: FakeGrid, rnd: int = 1
+) -> tuple[TrainResult, ConfigRecord]:
+    arrays = ArrayRecord([np.zeros(2, dtype=np.float32)])
+    config = ConfigRecord({"server-round": rnd})
+    return strategy.train_round(cast(Grid, grid), rnd, arrays, config, timeout=1.0), config
+
+
+def test_example_layer_charges_the_plan_or_more(fake_grid: type[FakeGrid]) -> None:
     cfg = _run(PrivacyConfig(mode=PrivacyMode.EXAMPLE, noise_multiplier=1.0), q=1.0, rounds=2)
     plan = plan_privacy(cfg, 2, silo_sizes=[10, 20])
     assert plan is not None
-    header = {"run_id": "t", "code_version": "x", "config": {}, "population": 30,
-              "delta": plan.delta, "accountant": "prv", "mode": "example"}  # fmt: skip
-    ledger = LedgerWriter.create(tmp_path / "ledger.jsonl", header)
-    strategy = ExampleDPStrategy(inner, plan, ledger)
-    arrays = ArrayRecord([np.zeros(2, dtype=np.float32)])
-    config = ConfigRecord({"server-round": 1})
-    msgs = list(strategy.configure_train(1, arrays, config, None))  # type: ignore[arg-type]
-    assert config["dpsgd-max-steps"] == plan.steps_per_round == 1
+    accountant = PrivacyAccountant(delta=plan.delta)
+    strategy = ExampleDPStrategy(_inner(fixed_denominator=False), plan, accountant)
     # one silo is honest, the other reports more steps than planned: the round is charged that
-    replies = [_silo_reply(msgs[0], steps=1, q=1.0), _silo_reply(msgs[1], steps=3, q=1.0)]
-    strategy.aggregate_train(1, replies)
-    assert strategy.pending["steps"] == 3 and strategy.pending["participated"] == 2
-    assert strategy.pending["effective_noise_multiplier"] == 1.0
-    strategy.commit_round()
+    grid = fake_grid(
+        lambda msgs: [
+            _reply(msgs[0], **{"dpsgd-steps": 1, "dpsgd-sample-rate": 1.0}),
+            _reply(msgs[1], **{"dpsgd-steps": 3, "dpsgd-sample-rate": 1.0}),
+        ],
+        nodes=[1, 2],
+    )
+    result, config = _train(strategy, grid)
+    assert config["dpsgd-max-steps"] == plan.steps_per_round == 1
+    privacy = result.privacy
+    assert privacy is not None
+    assert privacy.steps == 3 and privacy.participated == 2 and privacy.released
+    assert privacy.effective_noise_multiplier == 1.0 and privacy.epsilon_accountant == "rdp"
     expected = compute_epsilon(
         [MechanismStep(1.0, 1.0, 3)], delta=plan.delta, accountant=AccountantKind.RDP
     )
-    assert strategy.epsilon_rdp == pytest.approx(expected, rel=1e-9)
+    assert privacy.epsilon_rdp == pytest.approx(expected, rel=1e-9)
+    assert accountant.history == [MechanismStep(1.0, 1.0, 3)]
+
+
+def test_client_layer_announces_its_parameters_and_charges_the_effective_z(
+    fake_grid: type[FakeGrid],
+) -> None:
+    cfg = _run(PrivacyConfig(mode=PrivacyMode.CLIENT, noise_multiplier=2.0), q=0.5, rounds=1)
+    plan = plan_privacy(cfg, 8)  # m = 4
+    assert plan is not None
+    accountant = PrivacyAccountant(delta=plan.delta)
+    strategy = ClientDPStrategy(_inner(fixed_denominator=True), plan, accountant)
+    grid = fake_grid(lambda msgs: [_reply(m) for m in msgs], nodes=[1, 2])
+    result, config = _train(strategy, grid)
+    announced = ClientDPConfig.read(config)
+    assert announced is not None
+    assert (announced.clip, announced.denominator) == (plan.clip, 4.0)
+    assert announced.noise_std == pytest.approx(2.0 * plan.clip / 2.0)  # z C / sqrt(m)
+    privacy = result.privacy
+    assert privacy is not None and privacy.participated == 2
+    # 2 of m = 4 expected participants: z_eff = 2 * sqrt(2 / 4); the last round reports PRV
+    assert privacy.effective_noise_multiplier == pytest.approx(2.0 * (0.5**0.5))
+    assert privacy.epsilon_accountant == "prv"
+    assert privacy.epsilon <= privacy.epsilon_rdp
+
+
+def test_client_layer_refuses_an_inner_strategy_that_divides() -> None:
+    cfg = _run(PrivacyConfig(mode=PrivacyMode.CLIENT, noise_multiplier=1.0), q=0.5, rounds=1)
+    plan = plan_privacy(cfg, 8)
+    assert plan is not None
+    with pytest.raises(ValueError, match="fixed_denominator"):
+        ClientDPStrategy(_inner(fixed_denominator=False), plan, PrivacyAccountant(delta=plan.delta))
+
+
+def test_a_round_without_updates_is_not_charged(fake_grid: type[FakeGrid]) -> None:
+    cfg = _run(PrivacyConfig(mode=PrivacyMode.CLIENT, noise_multiplier=1.0), q=0.5, rounds=3)
+    plan = plan_privacy(cfg, 8)
+    assert plan is not None
+    accountant = PrivacyAccountant(delta=plan.delta)
+    strategy = ClientDPStrategy(_inner(fixed_denominator=True), plan, accountant)
+    result, _ = _train(strategy, fake_grid(lambda msgs: [], nodes=[1, 2]))
+    assert result.privacy is not None and not result.privacy.released
+    assert result.privacy.epsilon == 0.0 and accountant.history == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.runconfig import ServerOptimizer
+from common.run.config import ServerOptimizer
 from server.optimizer import ServerOpt
 
 

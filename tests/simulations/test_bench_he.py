@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
 from simulations.bench_he import BenchHEConfig, render, run_bench, to_json
+from simulations.cli import main
 
 
 def test_bench_rows_and_targets() -> None:

@@ -11,18 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from client.dp_mod import privatize_update
 from client.local import compute_update
-from common.audit import AuditStatus, verify_ledger
 from common.data import synthesize
 from common.model import build_model
-from common.runconfig import RunConfig, load_run_config
-from common.rundata import n_clients_of, write_run_folder
+from common.privacy import privatize_update
+from common.privacy.audit import AuditStatus, verify_ledger
+from common.rounds import split_seed, train_seed
+from common.run.config import RunConfig, load_run_config
+from common.run.folder import n_clients_of, write_run_folder
 from server.strategy import sample_cohort
 from simulations.cohort_batch import client_train_rows, cohort_update_sum
-from simulations.fastsim import ClientEngine, _local_data, _split_seed, _train_seed, run_inprocess
+from simulations.fastsim import ClientEngine, _local_data, run_inprocess
 
-FEDREC = [sys.executable, "-m", "common.cli"]
+FEDREC = [sys.executable, "-m", "simulations.cli"]
 METRICS = ("ndcg@100", "recall@20", "recall@50", "coverage@20")
 
 
@@ -67,11 +68,11 @@ def test_batched_rows_are_split_locals_training_rows(tiny: Path, tmp_path: Path)
     fraction = cfg.data.client_holdout_fraction
 
     rows = client_train_rows(
-        tmp_path, clients, fraction=fraction, split_seeds=[_split_seed(cfg, c) for c in clients]
+        tmp_path, clients, fraction=fraction, split_seeds=[split_seed(cfg.seed, c) for c in clients]
     )
 
     for c in clients:
-        local = _local_data(str(tmp_path), c, fraction, _split_seed(cfg, c))
+        local = _local_data(str(tmp_path), c, fraction, split_seed(cfg.seed, c))
         assert sorted(rows[c].indices) == sorted(local.train.indices), c
 
 
@@ -85,12 +86,12 @@ def test_cohort_sum_equals_the_sum_of_compute_updates(
     init = build_model(model_cfg, generator=torch.Generator().manual_seed(1))
     weights = {k: v.detach().numpy().copy() for k, v in init.state_dict().items()}
     cohort = [0, 3, 4, 9, 17, 30]
-    seeds = [_train_seed(cfg, 5, c) for c in cohort]
+    seeds = [train_seed(cfg.seed, 5, c) for c in cohort]
     fraction = cfg.data.client_holdout_fraction
     expected = {k: np.zeros(v.shape) for k, v in weights.items()}
     state = {k: torch.from_numpy(v) for k, v in weights.items()}
     for c, seed in zip(cohort, seeds, strict=True):
-        local = _local_data(str(tmp_path), c, fraction, _split_seed(cfg, c))
+        local = _local_data(str(tmp_path), c, fraction, split_seed(cfg.seed, c))
         update = compute_update(
             state, local, model_config=model_cfg, client=cfg.client, beta=0.1, seed=seed
         )
@@ -106,7 +107,7 @@ def test_cohort_sum_equals_the_sum_of_compute_updates(
             expected[k] += private[k]
 
     rows = client_train_rows(
-        tmp_path, cohort, fraction=fraction, split_seeds=[_split_seed(cfg, c) for c in cohort]
+        tmp_path, cohort, fraction=fraction, split_seeds=[split_seed(cfg.seed, c) for c in cohort]
     )
     total, norms = cohort_update_sum(
         weights, model_cfg, rows, seeds, beta=0.1, lr=cfg.client.lr, clip=clip

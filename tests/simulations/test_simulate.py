@@ -23,7 +23,7 @@ from common.model import ModelConfig, build_model
 
 pytestmark = pytest.mark.slow
 
-FEDREC = [sys.executable, "-m", "common.cli"]
+FEDREC = [sys.executable, "-m", "simulations.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +173,8 @@ def test_bad_override_is_one_line_error_before_anything_starts(
 
 
 def test_partition_rows_cover_training_users(tmp_path: Path, synth_csv: Path) -> None:
-    from common.runconfig import load_run_config
-    from common.rundata import load_client_shard, n_clients_of, prepare_run_data
+    from common.run.config import load_run_config
+    from common.run.folder import load_client_shard, n_clients_of, prepare_run_data
 
     cfg = load_run_config(
         _config(tmp_path / "c.toml", synth_csv), ["data.partition=silos", "data.n_silos=4"]
@@ -188,8 +188,7 @@ def test_partition_rows_cover_training_users(tmp_path: Path, synth_csv: Path) ->
 
 
 def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: Path) -> None:
-    from client.dp_mod import client_epsilon_after
-    from common.privacy import default_delta
+    from common.privacy import client_epsilon_after, default_delta
 
     cfg = _config(tmp_path / "tiny.toml", synth_csv)
     run_dir = tmp_path / "run"
@@ -210,8 +209,8 @@ def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: 
         timeout=300,
     )
     assert first.returncode == 0, first.stderr[-2000:]
-    from common.rundata import n_clients_of
-    from server.dp import participation_factor
+    from common.privacy import participation_factor
+    from common.run.folder import n_clients_of
 
     population = n_clients_of(run_dir)
     delta = default_delta(population)
@@ -274,8 +273,8 @@ def test_example_level_dp_silos_run_dpsgd_and_the_ledger_verifies(
     tmp_path: Path, synth_csv: Path
 ) -> None:
     """Cross-silo DP-SGD: 3 silos, each step Opacus DP-SGD; the ledger bounds every user."""
-    from common.rundata import client_sizes
-    from server.dp import dpsgd_shape
+    from common.privacy import dpsgd_shape
+    from common.run.folder import client_sizes
 
     cfg = _config(tmp_path / "tiny.toml", synth_csv)
     run_dir = tmp_path / "run"

@@ -1,0 +1,355 @@
+"""Privacy accounting: the one composition of Gaussian mechanisms everybody uses.
+
+One round of client-level DP-FedAvg (McMahan, Ramage, Talwar and Zhang 2018, "Learning
+Differentially Private Recurrent Language Models", ICLR 2018, Algorithm 1 and section 2) is one
+use of the Poisson-subsampled Gaussian mechanism (:class:`MechanismStep`); a silo's DP-SGD round
+is ``steps`` uses of it. This module composes such histories with Opacus accountants
+(:func:`compute_epsilon`): Renyi DP (Mironov 2017; Mironov, Talwar and Zhang 2019) or the
+numerically tighter PRV accountant (Gopi, Lee and Wutschitz 2021). fedrec reports PRV and keeps
+RDP as a check, with ``delta <= 1 / N^1.1`` (:func:`default_delta`; docs/design.md, "Privacy
+accounting").
+
+The server's DP layer, the in-process engine, each client's budget guard and the auditor all use
+the same code: :class:`PrivacyAccountant` (a resumable history with incremental RDP and a PRV
+epsilon of the whole), :class:`RdpTracker`, :func:`merged_history` and
+:func:`client_epsilon_after`. The inverse, the noise multiplier for a target epsilon, is
+:func:`common.privacy.plan.calibrate_noise_multiplier`.
+
+Every privacy parameter is keyword-only and checked at the boundary (:mod:`._checks`):
+``math.isfinite`` on every float (NaN passes ``x <= 0``), ``epsilon > 0``, ``0 < delta < 1``,
+``noise_multiplier >= 0``, ``0 < q <= 1``. Violations raise ``ValueError`` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from common.privacy._checks import (
+    check_count,
+    check_delta,
+    check_non_negative,
+    check_sample_rate,
+)
+
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
+
+__all__ = [
+    "PRV_EPS_ERROR",
+    "PRV_MAX_GRID_POINTS",
+    "AccountantKind",
+    "GridTooLargeError",
+    "MechanismStep",
+    "PrivacyAccountant",
+    "RdpTracker",
+    "client_epsilon_after",
+    "compute_epsilon",
+    "default_delta",
+    "merged_history",
+]
+
+logger = logging.getLogger(__name__)
+
+PRV_EPS_ERROR = 0.01
+"""Additive error allowed in the PRV accountant's epsilon (Opacus ``eps_error``). The accountant
+returns the upper end of its error interval, so the reported epsilon stays a valid bound; 0.01 is
+Opacus's own default and negligible next to typical budgets (epsilon 1 to 10)."""
+
+PRV_MAX_GRID_POINTS = 10_000_000
+"""Largest PRV discretisation grid (points) :func:`compute_epsilon` agrees to build: about 20 s and
+1 GB. The grid grows with epsilon, so only epsilons far beyond any useful budget (hundreds) hit it,
+e.g. z=0.3, q=0.5 over 10,000 rounds (RDP epsilon about 29,000); those raise ``ValueError``."""
+
+
+class AccountantKind(StrEnum):
+    """Which Opacus accountant composes the rounds."""
+
+    RDP = "rdp"
+    """Renyi DP (Mironov 2017), Opacus ``RDPAccountant``: fast, looser; the cross-check."""
+    PRV = "prv"
+    """Privacy loss random variables (Gopi et al. 2021), Opacus ``PRVAccountant``: tighter;
+    the epsilon fedrec reports."""
+
+
+@dataclass(frozen=True)
+class MechanismStep:
+    """One use of the Poisson-subsampled Gaussian mechanism, possibly repeated.
+
+    A DP-FedAvg round is one use (McMahan et al. 2018, Algorithm 1); ``steps`` repeats it with the
+    same parameters, as in the ``history`` of Opacus accountants.
+    """
+
+    noise_multiplier: float
+    """z: std of the summed noise divided by the L2 sensitivity C; 0 means no privacy (epsilon =
+    inf)."""
+    sample_rate: float
+    """q: probability that each client takes part (Poisson sampling), in (0, 1]."""
+    steps: int = 1
+    """How many times the mechanism is applied with these parameters, >= 1."""
+
+    def __post_init__(self) -> None:
+        check_non_negative("noise_multiplier", self.noise_multiplier)
+        check_sample_rate("sample_rate", self.sample_rate)
+        check_count("steps", self.steps, minimum=1)
+
+
+class GridTooLargeError(ValueError):
+    """The PRV grid for this history exceeds :data:`PRV_MAX_GRID_POINTS` (epsilon is huge)."""
+
+
+@functools.cache
+def _bounded_prv_accountant() -> type[IAccountant]:
+    """Opacus ``PRVAccountant`` that refuses, before allocating it, a grid it cannot afford.
+
+    Without the check, z=0.3, q=0.5 over 10,000 rounds asks for about 2e9 points and the process is
+    killed for memory. Hooks the private ``_get_domain`` of Opacus 1.6; the test with a huge
+    epsilon fails if a later Opacus stops calling it. Made on first use: importing Opacus takes
+    seconds, and a device's ClientApp (a fresh process per message) only clips and noises
+    unless it guards a budget.
+    """
+    from opacus.accountants import PRVAccountant
+
+    class _BoundedPRVAccountant(PRVAccountant):
+        def _get_domain(self, *args: Any, **kwargs: Any) -> Any:
+            domain = super()._get_domain(*args, **kwargs)
+            if domain.size > PRV_MAX_GRID_POINTS:
+                raise GridTooLargeError(
+                    f"PRV accountant would need {domain.size:,} grid points "
+                    f"(limit {PRV_MAX_GRID_POINTS:,}): epsilon is far beyond any useful budget; "
+                    "use AccountantKind.RDP for such histories"
+                )
+            return domain
+
+    return _BoundedPRVAccountant
+
+
+def _new_accountant(kind: AccountantKind) -> IAccountant:
+    from opacus.accountants import RDPAccountant
+
+    match kind:
+        case AccountantKind.RDP:
+            return RDPAccountant()
+        case AccountantKind.PRV:
+            return _bounded_prv_accountant()()
+
+
+def compute_epsilon(
+    history: Sequence[MechanismStep], *, delta: float, accountant: AccountantKind
+) -> float:
+    """Epsilon spent by a history of (possibly different) subsampled Gaussian mechanisms.
+
+    Composes the rounds of DP-FedAvg (McMahan et al. 2018, section 2, there with the
+    moments accountant of Abadi et al. 2016) with an Opacus accountant: RDP (Mironov 2017;
+    Mironov, Talwar and Zhang 2019, converted with Balle et al. 2020, Theorem 21) or PRV (Gopi,
+    Lee and Wutschitz 2021) with ``eps_error =`` :data:`PRV_EPS_ERROR` and Opacus's default
+    ``delta_error = delta / 1000``, returning the upper end of the PRV error interval.
+
+    Parameters
+    ----------
+    history : Sequence[MechanismStep]
+        The mechanisms applied so far, in any order (composition is commutative).
+    delta : float
+        Target delta, in (0, 1).
+    accountant : AccountantKind
+        Which Opacus accountant composes the history.
+
+    Returns
+    -------
+    float
+        Epsilon; 0.0 for an empty history, ``math.inf`` if any step has noise multiplier 0.
+
+    Raises
+    ------
+    ValueError
+        If ``delta`` is out of range, or the PRV accountant cannot evaluate the history (its grid
+        would exceed :data:`PRV_MAX_GRID_POINTS`, or its numerics fail).
+    """
+    check_delta("delta", delta)
+    kind = AccountantKind(accountant)
+    if not history:
+        return 0.0
+    if any(step.noise_multiplier == 0 for step in history):
+        return math.inf
+    acc = _new_accountant(kind)
+    # Opacus 1.6 history format: (noise_multiplier, sample_rate, steps), one entry per run of
+    # identical steps; both accountants compose the entries.
+    acc.history = [(step.noise_multiplier, step.sample_rate, step.steps) for step in history]
+    if kind is AccountantKind.RDP:
+        return float(acc.get_epsilon(delta))
+    try:
+        # q = 1 makes the PRV take log(0) = -inf, which it handles; silence only that warning.
+        with np.errstate(divide="ignore"):
+            return float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+    except GridTooLargeError:
+        raise
+    except (RuntimeError, ValueError, FloatingPointError) as err:
+        raise ValueError(f"PRV accountant failed for this history: {err}") from err
+
+
+def default_delta(population: int) -> float:
+    """Default delta ``1 / N^1.1`` for a population of ``N`` clients (docs/design.md).
+
+    Delta must sit well below ``1/N``: a mechanism that fully leaks one random client in N is
+    ``(0, 1/N)``-DP. The extra power 0.1 keeps delta a vanishing fraction of ``1/N`` as N grows.
+
+    Parameters
+    ----------
+    population : int
+        Number of clients N, >= 2 (N = 1 would give delta = 1, which protects nothing).
+
+    Returns
+    -------
+    float
+        Delta in (0, 1).
+    """
+    check_count("population", population, minimum=2)
+    return float(population) ** -1.1
+
+
+def merged_history(history: Iterable[MechanismStep]) -> list[MechanismStep]:
+    """Steps with equal (z, q) merged into one entry with their step count, sorted by (z, q).
+
+    Exact, since composition is commutative, and it keeps PRV's cost to one discretization per
+    distinct mechanism instead of one per round. The sorted order makes the result independent
+    of the order the rounds ran in, to the last bit.
+    """
+    counts: Counter[tuple[float, float]] = Counter()
+    for step in history:
+        counts[(step.noise_multiplier, step.sample_rate)] += step.steps
+    return [
+        MechanismStep(noise_multiplier=z, sample_rate=q, steps=n)
+        for (z, q), n in sorted(counts.items())
+    ]
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one subsampled Gaussian step at Opacus's default orders (Mironov, Talwar and Zhang
+    2019), the orders :func:`compute_epsilon` uses.
+
+    Cached and read-only: a run's rounds repeat a few (z_eff, q) pairs (one per participant
+    count), and each evaluation at fractional orders costs about 0.1 s.
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    curve = np.asarray(
+        compute_rdp(
+            q=sample_rate,
+            noise_multiplier=noise_multiplier,
+            steps=1,
+            orders=list(RDPAccountant.DEFAULT_ALPHAS),
+        )
+    )
+    curve.setflags(write=False)
+    return curve
+
+
+class RdpTracker:
+    """Renyi DP of a growing history, one (cached) RDP evaluation per added step.
+
+    Sums the RDP curve of each subsampled Gaussian step at Opacus's default orders, which is what
+    ``RDPAccountant`` does over its history; epsilon is converted the same way (Balle et al.
+    2020, Theorem 21, as in Opacus).
+    """
+
+    def __init__(self) -> None:
+        from opacus.accountants import RDPAccountant
+
+        self.orders = list(RDPAccountant.DEFAULT_ALPHAS)
+        self.rdp = np.zeros(len(self.orders))
+
+    def add(self, step: MechanismStep) -> None:
+        """Compose one more step."""
+        if step.noise_multiplier == 0:
+            self.rdp = np.full(len(self.orders), np.inf)
+            return
+        self.rdp = self.rdp + step.steps * _rdp_curve(step.noise_multiplier, step.sample_rate)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon at ``delta`` of everything added so far (0 for nothing)."""
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        if not np.any(self.rdp):
+            return 0.0
+        eps, _ = get_privacy_spent(orders=self.orders, rdp=self.rdp, delta=delta)
+        return float(eps)
+
+
+class PrivacyAccountant:
+    """The privacy spent by a run so far: a history of mechanism steps at one delta.
+
+    Like Opacus's ``IAccountant``: :meth:`step` composes one more use of the mechanism,
+    :attr:`history` is what was composed. RDP is tracked incrementally (:class:`RdpTracker`), so
+    :attr:`epsilon_rdp` is a lookup; :meth:`epsilon_prv` composes the merged history with the PRV
+    accountant (the reported, tighter epsilon), capped by RDP, which also bounds it. A resumed
+    run rebuilds its accountant from the steps its ledger recorded (``history``).
+
+    Parameters
+    ----------
+    delta : float
+        Target delta, in (0, 1).
+    history : Iterable[MechanismStep], default ()
+        Steps already composed (when resuming).
+    """
+
+    def __init__(self, *, delta: float, history: Iterable[MechanismStep] = ()) -> None:
+        check_delta("delta", delta)
+        self.delta = delta
+        self.history: list[MechanismStep] = []
+        self._rdp = RdpTracker()
+        for step in history:
+            self.step(step)
+
+    def step(self, step: MechanismStep) -> None:
+        """Compose one more (possibly repeated) use of the mechanism."""
+        self.history.append(step)
+        self._rdp.add(step)
+
+    @property
+    def epsilon_rdp(self) -> float:
+        """RDP epsilon of the history at :attr:`delta` (0 for an empty history)."""
+        return self._rdp.epsilon(self.delta)
+
+    def epsilon_prv(self) -> float:
+        """PRV epsilon of the whole (merged) history, capped by the RDP epsilon.
+
+        Falls back to RDP, with a warning, where the PRV accountant cannot evaluate the history.
+        """
+        if not self.history:
+            return 0.0
+        rdp = self.epsilon_rdp
+        try:
+            prv = compute_epsilon(
+                merged_history(self.history), delta=self.delta, accountant=AccountantKind.PRV
+            )
+        except ValueError as err:
+            logger.warning("PRV accountant failed (%s); reporting RDP", err)
+            return rdp
+        return min(prv, rdp) if math.isfinite(prv) else rdp
+
+
+@functools.lru_cache(maxsize=256)
+def client_epsilon_after(
+    *, server_round: int, noise_multiplier: float, sample_rate: float, delta: float
+) -> float:
+    """A client's epsilon once round ``server_round`` has run (RDP, an upper bound of PRV).
+
+    Every round counts, sampled or not: the guarantee of Poisson subsampling composes over all
+    rounds at rate q (the client cannot see rounds it was not invited to, so it counts them
+    from the round number). Each client's budget guard and the in-process engine use it.
+    """
+    return compute_epsilon(
+        [MechanismStep(noise_multiplier, sample_rate, server_round)],
+        delta=delta,
+        accountant=AccountantKind.RDP,
+    )

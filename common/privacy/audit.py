@@ -1,0 +1,459 @@
+"""``fedrec audit verify``: check a run's privacy ledger and recompute its epsilon from it alone.
+
+(Over 400 lines: the auditor's checks read in one place, in the order they run.)
+
+The auditor trusts nothing the server computed. From ``RUN_DIR/ledger.jsonl`` (see
+:mod:`common.privacy.ledger`) it checks, in order:
+
+1. the file reads as complete JSON lines (a cut last line fails);
+2. the header is first, well formed and unique;
+3. every ``prev`` is the SHA-256 of the previous line's bytes (an edited line changes its hash;
+   a removed or reordered line breaks the link after it);
+4. rounds are numbered 1..n with no gap or duplicate, and a final line, if any, is last;
+5. every round's fields are in range and the derived ones agree (m = q * N and
+   z_eff = z * sqrt(participated / m) at client level), so editing a count and rewriting the
+   whole chain still fails;
+6. the final line has ``rounds == n``, the right ``chain``, and repeats the last round's claims;
+7. RDP epsilon, recomputed round by round from the effective multipliers, equals every round's
+   claimed ``epsilon_rdp`` to ``tolerance`` (relative), and claimed epsilons never decrease
+   (beyond ``PRV_EPSILON_SLACK``);
+8. PRV epsilon (the reported one), recomputed once for the whole run, is not above the last
+   round's and the final line's claim by more than PRV's numerical error;
+9. the recomputed PRV epsilon is within ``budget``, if one is given.
+
+Cost. PRV composition of n heterogeneous rounds is expensive and recomputing it at every round
+would be O(n^2), so PRV is recomputed once, at the last round; intermediate PRV claims are only
+checked to be non-decreasing. RDP is cheap and incremental (one RDP curve per distinct
+(z_eff, q), summed), so every round's RDP claim is checked. Rounds with equal (z_eff, q) are
+merged before composing, which is exact: composition is commutative. Accounting is skipped once
+an integrity check (1-6) fails; the numbers of an altered ledger mean nothing.
+
+Known limit: a ledger cut right after a round line, with its final line (and maybe more rounds)
+removed, is indistinguishable from a run that is still going or crashed; it reports
+``UNFINISHED``, never ``VERIFIED``, and its epsilon covers only the rounds that remain.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from common.errors import DataError
+from common.privacy.accounting import (
+    PRV_EPS_ERROR,
+    AccountantKind,
+    MechanismStep,
+    PrivacyAccountant,
+    compute_epsilon,
+    merged_history,
+)
+from common.privacy.ledger import (
+    LEDGER_FILENAME,
+    LedgerLine,
+    LedgerMode,
+    chain_digest,
+    header_problem,
+    history_from_ledger,
+    read_ledger_lines,
+    round_problem,
+)
+
+__all__ = [
+    "PRV_EPSILON_SLACK",
+    "UNFINISHED_REASON",
+    "AuditReport",
+    "AuditStatus",
+    "render",
+    "verify_ledger",
+]
+
+PRV_EPSILON_SLACK = 2 * PRV_EPS_ERROR
+"""How far a claimed PRV epsilon may sit below the recomputed one: twice the PRV accountant's
+``eps_error``. Each PRV value is an upper bound within ``2 * eps_error`` of the true epsilon, so
+two honest computations (e.g. with rounds merged differently) differ by less than this."""
+
+UNFINISHED_REASON = "ledger has no final line: the run is unfinished (or its end was cut off)"
+
+
+class AuditStatus(StrEnum):
+    """Outcome of :func:`verify_ledger`."""
+
+    VERIFIED = "verified"
+    """Every check passed and the run ended with a final line."""
+    UNFINISHED = "unfinished"
+    """Every check passed, but there is no final line."""
+    FAILED = "failed"
+    """At least one check failed; ``reason`` is the first failure."""
+
+
+@dataclass
+class AuditReport:
+    """What :func:`verify_ledger` found.
+
+    Attributes
+    ----------
+    status:
+        Verified, unfinished or failed.
+    reason:
+        One line: the first failed check, why the run is unfinished, or a summary.
+    rounds:
+        Round records read (released or not).
+    claimed_epsilon:
+        The ledger's reported (PRV) epsilon: the final line's, else the last round's; ``inf``
+        when DP is off.
+    recomputed_epsilon_prv, recomputed_epsilon_rdp:
+        Epsilon recomputed from the ledger; ``inf`` when DP is off, ``nan`` when not computed
+        (an earlier check failed).
+    delta:
+        The header's delta (``nan`` if unreadable).
+    budget:
+        The epsilon budget checked against, if any.
+    checks:
+        ``(name, passed, detail)`` for each check run, in order.
+    """
+
+    status: AuditStatus
+    reason: str
+    rounds: int = 0
+    claimed_epsilon: float = math.nan
+    recomputed_epsilon_prv: float = math.nan
+    recomputed_epsilon_rdp: float = math.nan
+    delta: float = math.nan
+    budget: float | None = None
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-able dict; a non-finite epsilon becomes ``null`` (see ``status``/``mode``)."""
+        return {
+            "status": self.status.value,
+            "reason": self.reason,
+            "rounds": self.rounds,
+            "claimed_epsilon": _finite_or_none(self.claimed_epsilon),
+            "recomputed_epsilon_prv": _finite_or_none(self.recomputed_epsilon_prv),
+            "recomputed_epsilon_rdp": _finite_or_none(self.recomputed_epsilon_rdp),
+            "unbounded": math.isinf(self.recomputed_epsilon_prv),
+            "delta": _finite_or_none(self.delta),
+            "budget": self.budget,
+            "checks": [
+                {"name": name, "passed": passed, "detail": detail}
+                for name, passed, detail in self.checks
+            ],
+        }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def verify_ledger(
+    path: Path, *, budget: float | None = None, tolerance: float = 1e-6
+) -> AuditReport:
+    """Check a ledger's integrity and recompute its epsilon (see the module docstring).
+
+    Parameters
+    ----------
+    path:
+        A run folder (its ``ledger.jsonl`` is read) or the ledger file itself.
+    budget:
+        Epsilon budget; a recomputed PRV epsilon above it fails. ``None``: no budget check.
+    tolerance:
+        Relative tolerance for the recomputed RDP epsilon of every round (default 1e-6).
+
+    Returns
+    -------
+    AuditReport
+        Never raises for a bad ledger: problems become ``FAILED`` with a one-line reason.
+
+    Raises
+    ------
+    ValueError
+        If ``budget`` is not a finite number > 0 or ``tolerance`` not a finite number >= 0.
+    """
+    if budget is not None and (not math.isfinite(budget) or budget <= 0):
+        raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    path = Path(path)
+    if path.is_dir():
+        path = path / LEDGER_FILENAME
+    return _Audit(path, budget=budget, tolerance=tolerance).run()
+
+
+class _Audit:
+    """One verification: collects checks; each ``_check_*`` returns whether it passed."""
+
+    def __init__(self, path: Path, *, budget: float | None, tolerance: float):
+        self.path = path
+        self.report = AuditReport(status=AuditStatus.FAILED, reason="", budget=budget)
+        self.tolerance = tolerance
+        self.lines: list[LedgerLine] = []
+        self.rounds: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+
+    def run(self) -> AuditReport:
+        report = self.report
+        ok = self._check_readable() and self._check_header()
+        if ok:
+            header = self.lines[0].record
+            self.mode = LedgerMode(header["mode"])
+            report.delta = float(header["delta"])
+            # all integrity checks run (a full report), accounting only if they all pass
+            integrity = [
+                self._check_chain(),
+                self._check_structure(),
+                self._check_round_fields(int(header["population"])),
+            ]
+            ok = all(integrity) and self._check_final()
+            report.rounds = len(self.rounds)
+            report.claimed_epsilon = self._claimed_epsilon()
+        ok = ok and self._check_accounting()
+        if ok and report.budget is not None:
+            ok = self._check_budget(report.budget)
+        failed = [detail for _, passed, detail in report.checks if not passed]
+        if failed:
+            report.status, report.reason = AuditStatus.FAILED, failed[0]
+        elif self.final is None:
+            report.status, report.reason = AuditStatus.UNFINISHED, UNFINISHED_REASON
+        else:
+            report.status = AuditStatus.VERIFIED
+            report.reason = (
+                f"all {len(report.checks)} checks passed: {report.rounds} rounds, epsilon "
+                f"{report.recomputed_epsilon_prv:.6g} (PRV) at delta {report.delta:.3g}"
+            )
+        return report
+
+    def _add(self, name: str, passed: bool, detail: str) -> bool:
+        self.report.checks.append((name, passed, detail))
+        return passed
+
+    # ---- integrity ---------------------------------------------------------------------------
+
+    def _check_readable(self) -> bool:
+        try:
+            self.lines = read_ledger_lines(self.path)
+        except DataError as err:
+            return self._add("readable", False, str(err))
+        return self._add("readable", True, f"{len(self.lines)} complete JSON lines")
+
+    def _check_header(self) -> bool:
+        problem = header_problem(self.lines[0].record)
+        if problem is not None:
+            return self._add("header", False, f"line 1: {problem}")
+        for line in self.lines[1:]:
+            if line.record.get("type") == "header":
+                return self._add("header", False, f"line {line.number}: a second header")
+        header = self.lines[0].record
+        return self._add(
+            "header", True, f"mode {header['mode']}, population {header['population']}"
+        )
+
+    def _check_chain(self) -> bool:
+        for before, line in itertools.pairwise(self.lines):
+            if line.record.get("prev") != before.sha256:
+                return self._add(
+                    "hash chain",
+                    False,
+                    f"line {line.number}: prev is not the SHA-256 of line {before.number} "
+                    "(a line was edited, removed or reordered)",
+                )
+        return self._add("hash chain", True, f"{len(self.lines) - 1} links")
+
+    def _check_structure(self) -> bool:
+        for line in self.lines[1:]:
+            rec, kind = line.record, line.record.get("type")
+            if kind == "round":
+                expected = len(self.rounds) + 1
+                if self.final is not None:
+                    return self._add(
+                        "round numbering", False, f"line {line.number}: a round after the final"
+                    )
+                if rec.get("round") != expected:
+                    return self._add(
+                        "round numbering",
+                        False,
+                        f"line {line.number}: round {rec.get('round')!r} where round {expected} "
+                        "was expected (a round was removed, duplicated or reordered)",
+                    )
+                self.rounds.append(rec)
+            elif kind == "final":
+                if self.final is not None:
+                    return self._add("round numbering", False, f"line {line.number}: 2nd final")
+                self.final = rec
+            elif kind != "header":  # a second header is reported by _check_header
+                return self._add(
+                    "round numbering", False, f"line {line.number}: unknown type {kind!r}"
+                )
+        return self._add("round numbering", True, f"rounds 1..{len(self.rounds)}")
+
+    def _check_round_fields(self, population: int) -> bool:
+        for rec in self.rounds:
+            problem = round_problem(rec, mode=self.mode, population=population)
+            if problem is not None:
+                return self._add("round fields", False, problem)
+        return self._add("round fields", True, "types, ranges and derived fields agree")
+
+    def _check_final(self) -> bool:
+        final = self.final
+        if final is None:
+            return self._add("final line", True, "absent: " + UNFINISHED_REASON)
+        n = len(self.rounds)
+        if final.get("rounds") != n:
+            return self._add(
+                "final line", False, f"final says {final.get('rounds')!r} rounds, ledger has {n}"
+            )
+        expected = chain_digest([line.sha256 for line in self.lines[:-1]])
+        if final.get("chain") != expected:
+            return self._add("final line", False, "final chain digest does not match the lines")
+        last = self.rounds[-1] if self.rounds else {"epsilon": 0.0, "epsilon_rdp": 0.0}
+        if self.mode is LedgerMode.OFF:
+            last = {"epsilon": None, "epsilon_rdp": None}
+        for key in ("epsilon", "epsilon_rdp"):
+            if final.get(key) != last[key]:
+                return self._add(
+                    "final line",
+                    False,
+                    f"final {key} {final.get(key)!r} is not the last round's {last[key]!r}",
+                )
+        return self._add("final line", True, f"{n} rounds, chain digest matches")
+
+    def _claimed_epsilon(self) -> float:
+        if self.mode is LedgerMode.OFF:
+            return math.inf
+        source = self.final if self.final is not None else (self.rounds or [{}])[-1]
+        value = source.get("epsilon", 0.0)
+        return float(value) if isinstance(value, int | float) else math.nan
+
+    # ---- accounting --------------------------------------------------------------------------
+
+    def _check_accounting(self) -> bool:
+        report = self.report
+        if self.mode is LedgerMode.OFF:
+            report.recomputed_epsilon_prv = report.recomputed_epsilon_rdp = math.inf
+            return self._add("epsilon", True, "DP is off: epsilon is unbounded")
+        return self._check_rdp() and self._check_prv()
+
+    def _check_rdp(self) -> bool:
+        accountant = PrivacyAccountant(delta=self.report.delta)
+        recomputed, previous_claim = 0.0, 0.0
+        for rec in self.rounds:
+            r = rec["round"]
+            if rec["released"]:
+                accountant.step(history_from_ledger([rec])[0])
+                recomputed = accountant.epsilon_rdp
+            claimed = float(rec["epsilon_rdp"])
+            if not math.isclose(claimed, recomputed, rel_tol=self.tolerance, abs_tol=1e-12):
+                return self._add(
+                    "rdp epsilon",
+                    False,
+                    f"claimed epsilon_rdp {claimed:.9g} differs from the recomputed "
+                    f"{recomputed:.9g} at round {r}",
+                )
+            if rec.get("epsilon_accountant", "prv") == "rdp":
+                # a round that claims its RDP epsilon as "epsilon" must claim exactly that
+                if not math.isclose(
+                    float(rec["epsilon"]), recomputed, rel_tol=self.tolerance, abs_tol=1e-12
+                ):
+                    return self._add(
+                        "rdp epsilon",
+                        False,
+                        f"claimed epsilon {rec['epsilon']:.9g} (RDP) differs from the "
+                        f"recomputed {recomputed:.9g} at round {r}",
+                    )
+                continue
+            if rec["epsilon"] < previous_claim - PRV_EPSILON_SLACK:  # PRV's numerical noise
+                return self._add(
+                    "rdp epsilon",
+                    False,
+                    f"claimed epsilon {rec['epsilon']:.9g} at round {r} is below the previous "
+                    f"round's {previous_claim:.9g} (epsilon never decreases)",
+                )
+            previous_claim = rec["epsilon"]
+        # the same number through the shared accounting code: catches a drift between the two
+        whole = self._compute(AccountantKind.RDP)
+        if not math.isclose(whole, recomputed, rel_tol=self.tolerance, abs_tol=1e-12):
+            return self._add(
+                "rdp epsilon",
+                False,
+                f"incremental RDP {recomputed:.9g} disagrees with compute_epsilon {whole:.9g}",
+            )
+        self.report.recomputed_epsilon_rdp = whole
+        return self._add("rdp epsilon", True, f"{whole:.6g} matches all {len(self.rounds)} claims")
+
+    def _check_prv(self) -> bool:
+        try:
+            recomputed = self._compute(AccountantKind.PRV)
+        except ValueError as err:  # a grid too large: epsilon is far beyond any budget
+            return self._add("prv epsilon", False, f"cannot recompute the PRV epsilon: {err}")
+        self.report.recomputed_epsilon_prv = recomputed
+        claims = [(f"round {rec['round']}", rec) for rec in self.rounds[-1:]]
+        if self.final is not None:
+            claims.append(("the final line", self.final))
+        for where, rec in claims:
+            claimed = float(rec["epsilon"])
+            if claimed < recomputed - PRV_EPSILON_SLACK:
+                return self._add(
+                    "prv epsilon",
+                    False,
+                    f"claimed epsilon {claimed:.6g} is below the recomputed {recomputed:.6g} "
+                    f"at {where}",
+                )
+        return self._add(
+            "prv epsilon",
+            True,
+            f"recomputed {recomputed:.6g}, claimed {self.report.claimed_epsilon:.6g}",
+        )
+
+    def _compute(self, accountant: AccountantKind) -> float:
+        history = merged_history(history_from_ledger(self.rounds))
+        return _epsilon(tuple(history), delta=self.report.delta, accountant=accountant)
+
+    def _check_budget(self, budget: float) -> bool:
+        epsilon = self.report.recomputed_epsilon_prv
+        if math.isinf(epsilon):
+            return self._add(
+                "budget", False, f"DP is off: epsilon is unbounded, above the budget {budget:g}"
+            )
+        if epsilon > budget:
+            return self._add(
+                "budget", False, f"epsilon {epsilon:.6g} exceeds the budget {budget:g}"
+            )
+        return self._add("budget", True, f"epsilon {epsilon:.6g} <= budget {budget:g}")
+
+
+@functools.lru_cache(maxsize=16)
+def _epsilon(
+    history: tuple[MechanismStep, ...], *, delta: float, accountant: AccountantKind
+) -> float:
+    """``compute_epsilon``, remembered: auditing one run twice (e.g. with and without a budget)
+    pays for PRV once. Zero for an empty history (nothing released)."""
+    if not history:
+        return 0.0
+    return float(compute_epsilon(history, delta=delta, accountant=accountant))
+
+
+def render(report: AuditReport) -> str:
+    """Human-readable report: status and reason, the epsilons, then one line per check."""
+
+    def eps(value: float) -> str:
+        if math.isnan(value):
+            return "not computed"
+        return "unbounded (DP off)" if math.isinf(value) else f"{value:.6g}"
+
+    budget = "none" if report.budget is None else f"{report.budget:g}"
+    lines = [
+        f"{report.status.value.upper()}: {report.reason}",
+        f"rounds: {report.rounds}    delta: {report.delta:.3g}    budget: {budget}",
+        f"epsilon claimed: {eps(report.claimed_epsilon)}    recomputed PRV: "
+        f"{eps(report.recomputed_epsilon_prv)}    RDP: {eps(report.recomputed_epsilon_rdp)}",
+        "checks:",
+    ]
+    lines += [
+        f"  [{'ok' if passed else 'FAIL'}] {name}: {detail}"
+        for name, passed, detail in report.checks
+    ]
+    return "\n".join(lines)
