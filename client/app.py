@@ -80,6 +80,13 @@ def _budget(context: Context) -> float | None:
     return _run_config(str(context.run_config["run-dir"])).privacy.client_budget
 
 
+def _noise_seed(context: Context) -> int | None:
+    """The run's ``privacy.noise_seed`` (a simulation's; the DP mod refuses it on a device)."""
+    if is_device(context):
+        return device_run_config(context).privacy.noise_seed
+    return _run_config(str(context.run_config["run-dir"])).privacy.noise_seed
+
+
 def _keys_dir(context: Context) -> Path:
     """This client's key folder: node config ``keys`` (a device), else the run's."""
     if "keys" in context.node_config:
@@ -89,7 +96,7 @@ def _keys_dir(context: Context) -> Path:
 
 
 # The HE mod is outermost: the DP mod clips and noises first, then the update is encrypted.
-@app.train(mods=[make_client_he_mod(_keys_dir), make_client_dp_mod(_budget)])
+@app.train(mods=[make_client_he_mod(_keys_dir), make_client_dp_mod(_budget, _noise_seed)])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's rows; reply with the weighted delta."""
     t0 = time.perf_counter()

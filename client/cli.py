@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from common.cli import Subparsers, console, out
+from common.cli import Subparsers, console, out, positive_int
 from common.errors import FedrecError
 
 __all__ = ["add_client_commands"]
@@ -25,13 +25,24 @@ __all__ = ["add_client_commands"]
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
     from client.recommend import parse_history, recommend
+    from common.checkpoint import load_checkpoint
 
     history = parse_history(args.history)
-    result = recommend(Path(args.model), history, k=args.k)
+    checkpoint = load_checkpoint(Path(args.model))
+    catalogue = set(checkpoint.item_ids)
+    unknown = [h for h in history if h not in catalogue]
+    if len(unknown) == len(history):
+        raise FedrecError(
+            f"the model knows none of the {len(history)} history item ids "
+            f"({_shown(unknown)}); give ids of {args.model}'s catalogue, or a file of them"
+        )
+    result = recommend(checkpoint, history, k=args.k)
     if result.unknown_ids:
-        shown = ", ".join(result.unknown_ids[:10])
-        more = "" if len(result.unknown_ids) <= 10 else f" (+{len(result.unknown_ids) - 10} more)"
-        console.print(f"[yellow]skipped {len(result.unknown_ids)} unknown item ids: {shown}{more}")
+        console.print(
+            f"[yellow]skipped {len(result.unknown_ids)} unknown item ids: "
+            f"{_shown(result.unknown_ids)}",
+            highlight=False,
+        )
     if args.json:
         payload = {
             "items": [
@@ -52,6 +63,11 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown(ids: list[str], limit: int = 10) -> str:
+    more = "" if len(ids) <= limit else f" (+{len(ids) - limit} more)"
+    return ", ".join(ids[:limit]) + more
+
+
 def _cmd_join(args: argparse.Namespace) -> int:
     from client.join import JoinConfig, join
 
@@ -68,7 +84,10 @@ def _cmd_join(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise FedrecError(str(err)) from None
-    return join(cfg)
+    code = join(cfg)
+    if code not in (0, 130, 143):  # exit code 1 means "verification failed" (ExitCode)
+        raise FedrecError(f"the SuperNode stopped with exit code {code} (its log is above)")
+    return code
 
 
 # -------------------------------------------------------------------------------------- parser
@@ -78,9 +97,14 @@ def add_client_commands(sub: Subparsers) -> None:
     """``fedrec recommend`` and ``fedrec client join`` (``sub``: the top-level subparsers)."""
     p = sub.add_parser("recommend", help="recommend for one history, on this device")
     p.add_argument("--model", required=True, help="path to model.pt")
-    p.add_argument("--history", required=True, help="file of item ids, or comma-separated ids")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--history",
+        required=True,
+        metavar="FILE_OR_IDS",
+        help="file of item ids (one a line, or a CSV with an item column), or comma-separated ids",
+    )
+    p.add_argument("-k", type=positive_int, default=10, help="how many items to recommend")
+    p.add_argument("--json", action="store_true", help="print the items as JSON (stdout)")
     p.set_defaults(handler=_cmd_recommend)
 
     client = sub.add_parser("client", help="run this device as a federation member")
@@ -88,7 +112,9 @@ def add_client_commands(sub: Subparsers) -> None:
     p = csub.add_parser(
         "join", help="join a federation: an authenticated SuperNode with TLS (foreground)"
     )
-    p.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address"
+    )
     p.add_argument(
         "--data", type=Path, required=True, metavar="HISTORY.csv", help="this device's history"
     )
@@ -106,7 +132,12 @@ def add_client_commands(sub: Subparsers) -> None:
         metavar="EPS",
         help="refuse to train past this epsilon",
     )
-    p.add_argument("--home", type=Path, default=None, help="Flower's folder for this node")
+    p.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="Flower's folder for this node (default: HISTORY.csv.fedrec-node)",
+    )
     p.add_argument(
         "--max-wait",
         type=float,

@@ -8,7 +8,12 @@ round keeps the client within its budget; if not, it answers with a refusal that
 counts, not an error.
 
 The noise comes from the operating system's entropy, never from the run's seed: the server
-knows the seed, and predictable noise protects nothing.
+knows the seed, and predictable noise protects nothing. The one exception is a simulation whose
+config sets ``privacy.noise_seed`` (repeatable, not private): a simulated client then draws its
+noise from :func:`seeded_noise_rng` ``(noise_seed, round, client id)``, the client id being its
+``node_config["partition-id"]``. A device (``fedrec client join``, ``data`` in its node config)
+or any node without a partition id refuses a seed that reaches it with the run config, and
+sends no update.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from flwr.app import (
 )
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.store import is_device
 from common.privacy import client_epsilon_after, privatize_update
 from common.protocol import (
     ARRAYS_RECORD,
@@ -42,14 +48,50 @@ from common.protocol import (
     read_float,
 )
 
-__all__ = ["BudgetLookup", "make_client_dp_mod", "refusal"]
+__all__ = [
+    "BudgetLookup",
+    "NoiseSeedLookup",
+    "SeededNoiseRefusedError",
+    "make_client_dp_mod",
+    "refusal",
+    "seeded_noise_rng",
+]
 
 logger = logging.getLogger(__name__)
 
 BudgetLookup = Callable[[Context], float | None]
 """Where the mod finds this client's own epsilon budget (node config, run config...)."""
 
+NoiseSeedLookup = Callable[[Context], int | None]
+"""Where the mod finds the run's ``privacy.noise_seed`` (``None``: noise from OS entropy)."""
+
 _STATE_KEY = "fedrec-dp"
+
+
+class SeededNoiseRefusedError(RuntimeError):
+    """A node that is not a simulated client was asked to draw seeded (non-private) noise."""
+
+
+def seeded_noise_rng(noise_seed: int, *, server_round: int, client_id: int) -> np.random.Generator:
+    """The generator of a simulated client's DP noise under ``privacy.noise_seed`` (not private).
+
+    ``default_rng([noise_seed, server_round, client_id])``: one stream per client and round,
+    shared by the Flower ClientApp and the in-process engine's exact client engine.
+    """
+    return np.random.default_rng([noise_seed, server_round, client_id])
+
+
+def _noise_rng(context: Context, noise_seed: int | None, server_round: int) -> np.random.Generator:
+    """OS entropy, or the seeded stream of a simulated client (see the module docstring)."""
+    if noise_seed is None:
+        return np.random.default_rng()
+    if is_device(context) or "partition-id" not in context.node_config:
+        raise SeededNoiseRefusedError(
+            f"the run config sets privacy.noise_seed = {noise_seed}: seeded DP noise is not "
+            "private, and this node is not a simulated client; it refuses to train"
+        )
+    client_id = int(context.node_config["partition-id"])
+    return seeded_noise_rng(noise_seed, server_round=server_round, client_id=client_id)
 
 
 def refusal(reason: str, epsilon: float) -> RecordDict:
@@ -61,8 +103,13 @@ def refusal(reason: str, epsilon: float) -> RecordDict:
 
 def make_client_dp_mod(
     budget_of: BudgetLookup,
+    noise_seed_of: NoiseSeedLookup | None = None,
 ) -> Callable[[Message, Context, ClientAppCallable], Message]:
-    """A mod that privatizes this client's training replies (see module docstring)."""
+    """A mod that privatizes this client's training replies (see module docstring).
+
+    ``noise_seed_of`` reads the run's ``privacy.noise_seed``; ``None`` (or a lookup returning
+    ``None``) keeps the noise on OS entropy.
+    """
 
     def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
@@ -78,6 +125,8 @@ def make_client_dp_mod(
         for name, value in (("clip", clip), ("denominator", denominator)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"server sent an invalid {name}: {value}")
+        noise_seed = None if noise_seed_of is None else noise_seed_of(context)
+        rng = _noise_rng(context, noise_seed, server_round)  # a device refuses a seed here
         budget = budget_of(context)
         epsilon = math.nan  # only computed when this client has a budget to guard
         if budget is not None:
@@ -99,7 +148,7 @@ def make_client_dp_mod(
             clip=clip,
             noise_std=noise_std,
             denominator=denominator,
-            rng=np.random.default_rng(),
+            rng=rng,
         )
         participations = context.state.config_records.get(_STATE_KEY, ConfigRecord())
         count = participations.get("participations", 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,19 +42,37 @@ class RecommendResult:
     known_history: int
 
 
+_FILE_SUFFIXES = (".csv", ".txt", ".tsv", ".inter")
+"""A history spec ending so names a file, never a list of ids."""
+
+
 def parse_history(spec: str) -> list[str]:
     """Read a history given as a file path or as comma-separated item ids.
 
     A file may hold one id per line, or be a CSV with an ``item_id`` (or ``item``) column, such as
     a device's own interaction file (``user,item[,rating][,timestamp]``, the item in column 2).
+
+    Raises
+    ------
+    DataError
+        If ``spec`` looks like a path (it holds a path separator or ends in ``.csv``/``.txt``)
+        but names no file, or holds no id.
     """
     path = Path(spec)
     if path.is_file():
         return _read_history_file(path)
+    if _looks_like_path(spec):
+        what = "a folder, not a history file" if path.is_dir() else "no such history file"
+        raise DataError(what, path=path)
     ids = [tok.strip() for tok in spec.split(",") if tok.strip()]
     if not ids:
         raise DataError(f"history {spec!r} is neither a file nor a list of item ids")
     return ids
+
+
+def _looks_like_path(spec: str) -> bool:
+    separators = {"/", os.sep, *([os.altsep] if os.altsep else [])}
+    return any(sep in spec for sep in separators) or spec.lower().endswith(_FILE_SUFFIXES)
 
 
 def _read_history_file(path: Path) -> list[str]:

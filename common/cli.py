@@ -10,17 +10,25 @@ parser and ``main``. Commands import their heavy modules (torch, flwr) lazily so
 
 Every command module uses the same :data:`console` (stderr: status, progress, warnings) and
 :data:`out` (stdout: results), sets a :data:`Handler` as the parser's ``handler`` default and
-leaves errors and exit codes to :func:`run_handler`.
+leaves errors and exit codes to :func:`run_handler` (:class:`ExitCode`). Rich redraws a bar or
+a spinner only on a terminal: off one (CI logs, ``2>&1 | tee``) a long command prints plain lines
+(:func:`interactive`, :func:`note`, :func:`activity`).
+
+The ``fedrec`` parser is a :class:`CommandParser`; ``add_subparsers`` makes every subcommand's
+parser one too, so each shows its defaults in ``--help`` and takes ``-v`` after the subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import logging
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -29,8 +37,14 @@ from rich.table import Table
 from common.errors import FedrecError
 
 __all__ = [
+    "CACHE_DIR_HELP",
+    "EXIT_CODES_HELP",
+    "CommandParser",
+    "ExitCode",
     "Handler",
+    "HelpFormatter",
     "Subparsers",
+    "activity",
     "add_audit_commands",
     "add_common_commands",
     "add_data_commands",
@@ -38,7 +52,10 @@ __all__ = [
     "add_set_option",
     "configure_logging",
     "console",
+    "interactive",
+    "note",
     "out",
+    "positive_int",
     "run_handler",
 ]
 
@@ -52,6 +69,119 @@ Handler = Callable[[argparse.Namespace], int]
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 """What ``ArgumentParser.add_subparsers`` returns; commands are added to it."""
+
+
+class ExitCode(enum.IntEnum):
+    """The exit codes of ``fedrec`` (listed by ``fedrec --help``)."""
+
+    OK = 0
+    """The command did what was asked."""
+    FAILED = 1
+    """Verification failed (``audit verify`` only)."""
+    USAGE = 2
+    """Bad input or usage: a wrong option or value, a missing or unreadable file, a bad config."""
+    UNFINISHED = 3
+    """The run is not finished (``audit verify``: no final ledger line)."""
+    INTERNAL = 4
+    """An unexpected internal error (a bug): one line, the traceback with ``-vv``."""
+    INTERRUPTED = 130
+    """Ctrl-C."""
+    TERMINATED = 143
+    """SIGTERM (``client join``)."""
+
+
+EXIT_CODES_HELP = """exit codes:
+  0    ok
+  1    verification failed (audit verify only)
+  2    bad input or usage (options, files, config)
+  3    unfinished (audit verify: the run has no final line)
+  4    internal error (a bug; -vv shows the traceback)
+  130  interrupted (143: terminated)"""
+"""The ``fedrec --help`` epilog: :class:`ExitCode` for users."""
+
+
+# -------------------------------------------------------------------------------------- parser
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each option's default (``(default: 0)``) where it has a telling one.
+
+    Left out: no default (``None``, a flag's ``False``, an empty list), a required option, and a
+    help text that already says its default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or action.required
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or isinstance(action, argparse._CountAction | argparse._VersionAction)
+            or (isinstance(default, list | tuple) and not default)
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class _Subcommands(argparse._SubParsersAction):
+    """Subcommands whose ``-v`` counts add up with the command line's earlier ones.
+
+    argparse parses a subcommand into a fresh namespace and copies it over the caller's, so
+    ``fedrec -v simulate -v`` would count 1; this action adds the counts (2). A subcommand's
+    ``help`` is also its ``--help`` description.
+    """
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if "help" in kwargs:
+            kwargs.setdefault("description", kwargs["help"])
+        parser: argparse.ArgumentParser = super().add_parser(name, **kwargs)
+        return parser
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        before = int(getattr(namespace, "verbose", 0) or 0)
+        if hasattr(namespace, "verbose"):
+            delattr(namespace, "verbose")
+        super().__call__(parser, namespace, values, option_string)
+        namespace.verbose = before + int(getattr(namespace, "verbose", 0) or 0)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``argparse`` parser for ``fedrec``: it shows defaults in ``--help``
+    (:class:`HelpFormatter`), accepts ``-v/--verbose`` (counted into ``verbose``) and passes
+    both on to the parsers of its subcommands, which ``add_subparsers`` makes of this class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Subcommands)
+        self.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=argparse.SUPPRESS,
+            help="more log output: -v info, -vv debug and tracebacks (before or after the command)",
+        )
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (else a usage error, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 # ------------------------------------------------------------------------------------ plumbing
@@ -68,23 +198,89 @@ def configure_logging(verbosity: int) -> None:
     )
 
 
+_PATH_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+"""OSErrors about a path the user gave: a usage error (exit code 2), not a bug."""
+
+
 def run_handler(args: argparse.Namespace) -> int:
     """Run the command chosen by ``args`` (its ``handler``) and return the process exit code.
 
-    A :class:`~common.errors.FedrecError` becomes one red line and exit code 2; Ctrl-C exit
-    code 130. Any other exit code is the command's own.
+    A :class:`~common.errors.FedrecError`, or an OSError about a path (missing, existing, not
+    allowed, not a folder), becomes one red line and exit code 2; Ctrl-C exit code 130. Any other
+    exception is a bug: one ``internal error`` line and exit code 4, its traceback only with
+    ``-vv`` (``args.verbose >= 2``). Any other exit code is the command's own (:class:`ExitCode`).
     """
     handler: Handler = args.handler
     try:
         return handler(args)
     except FedrecError as err:
-        console.print(
-            f"fedrec: error: {err}", style="red", markup=False, highlight=False, soft_wrap=True
-        )
-        return 2
+        _error(f"fedrec: error: {err}")
+        return ExitCode.USAGE
+    except _PATH_ERRORS as err:
+        _error(f"fedrec: error: {_path_error(err)}")
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         console.print("[yellow]interrupted")
-        return 130
+        return ExitCode.INTERRUPTED
+    except Exception as err:
+        verbose = int(getattr(args, "verbose", 0) or 0)
+        if verbose >= 2:
+            console.print(
+                "".join(traceback.format_exception(err)).rstrip(), markup=False, highlight=False
+            )
+        hint = "" if verbose >= 2 else "; run with -vv for the traceback"
+        message = str(err).splitlines()[0] if str(err) else ""
+        _error(f"fedrec: internal error: {type(err).__name__}: {message}{hint}")
+        return ExitCode.INTERNAL
+
+
+def _error(line: str) -> None:
+    console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
+
+
+def _path_error(err: OSError) -> str:
+    """``PATH: reason`` (``SRC -> DST: reason`` for a rename) for an OSError about a path."""
+    reason = err.strerror or str(err)
+    if err.filename is None:
+        return str(err)
+    where = str(err.filename)
+    if err.filename2 is not None:
+        where += f" -> {err.filename2}"
+    return f"{where}: {reason}"
+
+
+# ---------------------------------------------------------------------------- plain progress
+
+
+def interactive() -> bool:
+    """Whether stderr is a terminal, where rich redraws progress bars and spinners; off one (a
+    CI log, ``2>&1 | tee``) commands print :func:`note` lines instead."""
+    return console.is_terminal
+
+
+def note(line: str) -> None:
+    """One plain line on stderr (no markup), e.g. a round's progress off a terminal."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def activity(message: str) -> Iterator[Callable[[str], None]]:
+    """A spinner showing ``message`` on a terminal, else one :func:`note` line.
+
+    Yields a function that reports the next step: it updates the spinner, or prints a line.
+    """
+    if interactive():
+        with console.status(message) as status:
+            yield status.update
+    else:
+        note(message)
+        yield note
 
 
 def add_set_option(p: argparse.ArgumentParser, example: str) -> None:
@@ -110,15 +306,17 @@ def add_set_option(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
-    from common.data import fetch_ml100k
+    from common.data.fetch import EMBEDDED_DATASETS, fetch_dataset
 
-    if args.name != "ml-100k":
+    if args.name not in EMBEDDED_DATASETS:
+        known = ", ".join(repr(name) for name in EMBEDDED_DATASETS)
         raise FedrecError(
-            f"unknown data set {args.name!r}: only 'ml-100k' is embedded; other data sets are "
-            "read from a path (GroupLens ml-100k/ml-1m/ml-20m folders, RecBole files, plain CSV)"
+            f"unknown data set {args.name!r}: the embedded ones are {known}; other data sets "
+            "are read from a path (GroupLens ml-100k/ml-1m/ml-20m folders, RecBole files, NCF "
+            ".rating files, plain CSV)"
         )
-    with console.status("fetching ml-100k"):
-        path = fetch_ml100k(args.cache_dir)
+    with console.status(f"fetching {args.name}"):
+        path = fetch_dataset(args.name, args.cache_dir)
     out.print(str(path))
     return 0
 
@@ -132,15 +330,25 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     if args.json:
         out.print_json(json.dumps(stats))
         return 0
-    table = Table(title=f"{ds.name} ({ds.sha256[:12]})", show_header=False)
+    table = Table(title=ds.name, show_header=False)
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")  # long values wrap, never cut with an ellipsis
     for key, value in stats.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        elif isinstance(value, float):
-            value = f"{value:.6g}"
-        table.add_row(str(key), str(value))
+        if key != "sha256":
+            table.add_row(str(key), _stat(value))
     out.print(table)
+    # on a line of its own, so that no table width cuts it: it identifies the file
+    out.print(f"sha256 {ds.sha256}", markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def _stat(value: Any) -> str:
+    """A ``data stats`` value: ``k=v`` pairs for a mapping, 6 significant digits for a float."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_stat(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
 
 
 def _cmd_data_export_split(args: argparse.Namespace) -> int:
@@ -174,26 +382,19 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     ledger = path / "ledger.jsonl" if path.is_dir() else path
     if not ledger.is_file():
         raise FedrecError(f"{ledger}: no ledger (was the run made with privacy on?)")
-    report = verify_ledger(ledger, budget=args.budget)
+    with activity(f"verifying {ledger}") as step:
+        report = verify_ledger(ledger, budget=args.budget, on_progress=step)
     if args.json:
         out.print_json(json.dumps(report.to_json()))
     else:
         out.print(render(report), markup=False, highlight=False)
     if report.status is AuditStatus.VERIFIED:
-        return 0
+        return ExitCode.OK
     if report.status is AuditStatus.UNFINISHED:
-        console.print(
-            f"fedrec: unfinished: {report.reason}", markup=False, highlight=False, soft_wrap=True
-        )
-        return 3
-    console.print(
-        f"fedrec: audit failed: {report.reason}",
-        style="red",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
-    return 1
+        note(f"fedrec: unfinished: {report.reason}")
+        return ExitCode.UNFINISHED
+    _error(f"fedrec: audit failed: {report.reason}")
+    return ExitCode.FAILED
 
 
 # --------------------------------------------------------------------------------------- keys
@@ -214,8 +415,12 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------- parser
 
 
+CACHE_DIR_HELP = "data cache (default: $FEDREC_DATA, else ~/.cache/fedrec)"
+"""The help text of every command's ``--cache-dir``."""
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", type=Path, default=None, help="data cache ($FEDREC_DATA)")
+    p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
     p.add_argument("--min-rating", type=float, default=4.0, help="ratings >= this are positives")
 
 
@@ -224,28 +429,28 @@ def add_data_commands(sub: Subparsers) -> None:
     data = sub.add_parser("data", help="fetch, inspect, split and synthesize data sets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = dsub.add_parser("fetch", help="fetch an embedded data set into the cache")
-    p.add_argument("name", help="data set name (ml-100k)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="data cache ($FEDREC_DATA)")
+    p.add_argument("name", help="data set name: ml-100k, ml-1m or pinterest-20")
+    p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
     p.set_defaults(handler=_cmd_data_fetch)
 
     p = dsub.add_parser("stats", help="counts, density, quantiles and what cleaning dropped")
-    p.add_argument("dataset", help="ml-100k or a path to a data file or folder")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("dataset", help="ml-100k, ml-1m, pinterest-20 or a data file or folder")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON (stdout)")
     _add_data_options(p)
     p.set_defaults(handler=_cmd_data_stats)
 
     p = dsub.add_parser("export-split", help="write the exact split a run uses as CSV files")
-    p.add_argument("dataset")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dataset", help="ml-100k, ml-1m, pinterest-20 or a data file or folder")
+    p.add_argument("--out", type=Path, required=True, help="folder for the CSV files")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (a run's seed)")
     _add_data_options(p)
     p.set_defaults(handler=_cmd_data_export_split)
 
     p = dsub.add_parser("synth", help="write a synthetic data set for scale tests")
-    p.add_argument("--users", type=int, required=True)
-    p.add_argument("--items", type=int, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=positive_int, required=True, help="number of users")
+    p.add_argument("--items", type=positive_int, required=True, help="number of items")
+    p.add_argument("--out", type=Path, required=True, help="folder for the data set")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(handler=_cmd_data_synth)
 
 
@@ -261,7 +466,7 @@ def add_audit_commands(sub: Subparsers) -> Subparsers:
     )
     p.add_argument("run_dir", help="run folder or ledger.jsonl")
     p.add_argument("--budget", type=float, default=None, help="epsilon the run must not exceed")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (stdout)")
     p.set_defaults(handler=_cmd_audit_verify)
     return asub
 

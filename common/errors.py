@@ -1,7 +1,7 @@
 """Errors that reach the user as one line, never as a traceback.
 
-The CLI catches :class:`FedrecError` and prints ``str(err)`` alone; anything else is a bug and
-keeps its traceback.
+The CLI catches :class:`FedrecError` and prints ``str(err)`` alone (exit code 2); anything else
+is a bug: one ``internal error`` line and exit code 4, its traceback only with ``-vv``.
 """
 
 from __future__ import annotations
@@ -39,4 +39,18 @@ class DataError(FedrecError, ValueError):
 
 
 class ConfigError(FedrecError, ValueError):
-    """A configuration value or ``--set`` override is unknown or out of range."""
+    """A configuration value or ``--set`` override is unknown or out of range.
+
+    Parameters
+    ----------
+    message:
+        What is wrong, in the user's terms (it names the key).
+    key:
+        The dotted config key concerned (``server.lr``, ``model.dims[0]``), if one is; what
+        :func:`common.config.load_config` uses to say which file line or ``--set`` gave it.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None):
+        self.message = message
+        self.key = key
+        super().__init__(message)

@@ -13,6 +13,7 @@ must agree on to the last bit lives here:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "TEST_METRICS",
     "RoundRecord",
     "RoundStats",
+    "epsilon_prv",
     "split_seed",
     "test_metrics",
     "train_seed",
@@ -49,8 +51,8 @@ ROUND_FIELDS = (
     "ndcg@100",
     "recall@20",
     "client_ndcg@100",
-    "epsilon",
     "epsilon_rdp",
+    "epsilon_prv",
     "effective_noise_multiplier",
     "seconds",
     "bytes_up",
@@ -63,7 +65,12 @@ ROUND_FIELDS = (
     "he_decrypt_seconds",
     "discarded",
 )
-"""Columns of ``rounds.csv``, in order (DP and HE columns stay empty when those are off)."""
+"""Columns of ``rounds.csv``, in order (DP and HE columns stay empty when those are off).
+
+Each epsilon column holds one accountant only: ``epsilon_rdp`` is the RDP epsilon of every DP
+round, ``epsilon_prv`` the PRV epsilon, computed only at the last round (docs/design.md,
+"Privacy accounting"). The claimed ``epsilon`` (RDP, or PRV at the last round) stays in
+``results.json`` and the ledger, where ``epsilon_accountant`` names its accountant."""
 
 _SEED_STRIDE = 1_000_003  # a prime larger than any client id: (run seed, client) pairs stay apart
 _ROUND_STRIDE = 7919
@@ -77,6 +84,24 @@ def train_seed(run_seed: int, server_round: int, client_id: int) -> int:
 def split_seed(run_seed: int, client_id: int) -> int:
     """The seed of client ``client_id``'s split of its rows into training and local held-out."""
     return run_seed * _SEED_STRIDE + client_id
+
+
+def epsilon_prv(ledger_record: Mapping[str, Any]) -> float | None:
+    """The PRV epsilon of a round's ledger record, or ``None`` if the round claims RDP.
+
+    Parameters
+    ----------
+    ledger_record:
+        :meth:`common.privacy.rounds.PrivacyRound.to_record` of the round.
+
+    Returns
+    -------
+    float or None
+        ``epsilon`` when ``epsilon_accountant`` is ``"prv"`` (the last round), else ``None``.
+    """
+    if ledger_record.get("epsilon_accountant") != "prv":
+        return None
+    return float(ledger_record["epsilon"])
 
 
 def test_metrics(
@@ -129,8 +154,9 @@ class RoundRecord:
     """Wall time of the round, evaluation included."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The plain-JSON form (the keys of :data:`ROUND_FIELDS`, plus ``participated`` and
-        ``ledger`` with DP)."""
+        """The plain-JSON form (the keys of :data:`ROUND_FIELDS`, plus the claimed ``epsilon``,
+        ``participated`` and ``ledger`` with DP; ``epsilon_prv`` is ``None`` where PRV was not
+        computed)."""
         s = self.stats
         record: dict[str, Any] = {
             "round": self.round,
@@ -149,6 +175,7 @@ class RoundRecord:
         if self.privacy is not None:
             record["epsilon"] = self.privacy.epsilon
             record["epsilon_rdp"] = self.privacy.epsilon_rdp
+            record["epsilon_prv"] = epsilon_prv(self.privacy.to_record())
             record["participated"] = s.returned
             record["effective_noise_multiplier"] = self.privacy.effective_noise_multiplier
             record["ledger"] = self.privacy.to_record()

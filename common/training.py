@@ -202,6 +202,9 @@ def train_epochs(
                 output: VAEOutput = model(x)
                 loss = vae_loss(output, x, beta=beta)
                 loss.backward()
+                import os
+                if os.environ.get("GCLIP"):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(os.environ["GCLIP"]))
                 optimizer.step()
                 value = float(loss.item())
                 if not math.isfinite(value):

@@ -1,6 +1,7 @@
 """The fedrec ServerApp (Flower Message API).
 
-It reads the run folder from ``context.run_config["run-dir"]``, the resolved config from
+It reads the run folder from ``context.run_config["run-dir"]`` (an absolute path, see
+:func:`resolve_run_dir`), the resolved config from
 ``RUN_DIR/config.toml`` and hands the grid to :func:`server.federation.run_federation`.
 """
 
@@ -17,22 +18,44 @@ from common.run.folder import n_clients_of, write_run_folder
 from server.federation import run_federation
 from server.grid import polling
 
-__all__ = ["app"]
+__all__ = ["app", "resolve_run_dir"]
 
 logger = logging.getLogger(__name__)
 
 app = ServerApp()
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run the federation described by the run folder in ``context.run_config``."""
-    run_dir = Path(str(context.run_config["run-dir"]))
+def resolve_run_dir(value: str) -> Path:
+    """The run folder named by the ``run-dir`` run config value: an absolute path.
+
+    An empty one (pyproject's default, a bare ``flwr run .``) is refused with a one-line
+    explanation rather than replaced by a default folder: the ClientApps read the same
+    ``run-dir`` to find their rows, so a folder chosen here would never reach them.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is empty or a relative path.
+    """
+    if not value.strip():
+        raise ValueError(
+            "run-dir is empty: name an absolute run folder, e.g. "
+            "flwr run . --run-config \"run-dir='/abs/path/runs/r1'\" "
+            "(or run `fedrec simulate --config CONFIG --out RUN_DIR`)"
+        )
+    run_dir = Path(value)
     if not run_dir.is_absolute():
         raise ValueError(
             f"run-dir must be an absolute path (server and clients run in other folders), "
-            f"got {str(run_dir)!r}"
+            f"got {value!r}"
         )
+    return run_dir
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run folder in ``context.run_config``."""
+    run_dir = resolve_run_dir(str(context.run_config.get("run-dir", "")))
     if not (run_dir / "config.toml").is_file():
         # Driven by `flwr run .` rather than `fedrec simulate`: prepare the run folder here,
         # before any client is contacted (clients read their rows from it).

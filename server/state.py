@@ -27,7 +27,7 @@ from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.privacy import DPPlan
 from common.privacy.ledger import LedgerWriter, read_ledger
 from common.privacy.rounds import ledger_header
-from common.rounds import ROUND_FIELDS
+from common.rounds import ROUND_FIELDS, epsilon_prv
 from common.run.config import RunConfig
 
 __all__ = ["STATE_FILE", "RunOutputs", "ServerState", "open_ledger"]
@@ -99,6 +99,19 @@ def open_ledger(run_dir: Path, cfg: RunConfig, plan: DPPlan, state: ServerState)
     return writer
 
 
+def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A round's ``rounds.csv`` row: ``record``, with its per-accountant epsilons filled in from
+    its ledger record when the record predates them (a run resumed from an older state)."""
+    ledger = record.get("ledger")
+    if not isinstance(ledger, dict) or "epsilon_prv" in record:
+        return record
+    return {
+        **record,
+        "epsilon_rdp": record.get("epsilon_rdp", ledger.get("epsilon_rdp")),
+        "epsilon_prv": epsilon_prv(ledger),
+    }
+
+
 class RunOutputs:
     """The files a run keeps up to date after every round."""
 
@@ -119,7 +132,8 @@ class RunOutputs:
         writer = csv.DictWriter(buf, fieldnames=list(ROUND_FIELDS), extrasaction="ignore")
         writer.writeheader()
         for r in rounds:
-            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in ROUND_FIELDS})
+            row = _csv_row(r)
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in ROUND_FIELDS})
         atomic_write_text(self.run_dir / "rounds.csv", buf.getvalue())
         results_path = self.run_dir / "results.json"
         previous = json.loads(results_path.read_text()) if results_path.exists() else {}

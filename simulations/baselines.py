@@ -3,12 +3,16 @@
 Both fit on a training matrix of users x items and score fold-in rows, so they plug into
 :func:`common.metrics.evaluate` as ``score_fn=baseline.score``. They are centralised (they see
 every user's data) and serve as reference points for the federated Mult-VAE.
+:func:`baselines_on_split` fits both on a prepared run folder's training rows and scores them on
+the run's own held-out test users, the users the federated model is scored on.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -16,7 +20,12 @@ import numpy.typing as npt
 import scipy.linalg
 import scipy.sparse as sp
 
-__all__ = ["EASE", "Popularity"]
+from common.metrics import evaluate
+from common.rounds import TEST_METRICS
+from common.run.folder import load_eval_data
+from simulations.cohort_batch import population_rows
+
+__all__ = ["EASE", "EASE_LAMBDAS", "Popularity", "baselines_on_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +39,11 @@ def _check_matrix(name: str, m: Sparse, n_items: int | None = None) -> sp.csr_ma
     if n_items is not None and m.shape[1] != n_items:
         raise ValueError(f"{name} has {m.shape[1]} items, the model was fitted on {n_items}")
     return sp.csr_matrix(m, dtype=np.float64)
+
+
+def _gram(x: sp.csr_matrix) -> FloatArray:
+    """``X^T X`` as a dense ``(n_items, n_items)`` array."""
+    return np.asarray((x.T @ x).toarray(), dtype=np.float64)
 
 
 class EASE:
@@ -55,15 +69,20 @@ class EASE:
     def fit(self, train: Sparse) -> EASE:
         """Compute ``B`` from the binary training matrix ``(n_users, n_items)``."""
         X = _check_matrix("train", train)
-        n_items = X.shape[1]
-        G = np.asarray((X.T @ X).toarray(), dtype=np.float64)  # (I, I) Gram matrix
-        G[np.diag_indices(n_items)] += self.lam
+        self.fit_gram(_gram(X))
+        logger.info("EASE fitted: %d users, %d items, lambda=%s", X.shape[0], X.shape[1], self.lam)
+        return self
+
+    def fit_gram(self, gram: FloatArray) -> EASE:
+        """Compute ``B`` from the Gram matrix ``X^T X`` ``(n_items, n_items)`` (not modified), so
+        one Gram matrix serves several ``lambda``."""
+        n_items = gram.shape[0]
+        G = gram + self.lam * np.eye(n_items)  # (I, I)
         # G is symmetric positive definite (lam > 0): invert through its Cholesky factor.
         P = scipy.linalg.cho_solve(scipy.linalg.cho_factor(G), np.eye(n_items))  # (I, I)
         B = -P / np.diag(P)[None, :]  # (I, I), column j divided by P_jj
         B[np.diag_indices(n_items)] = 0.0
         self.weights = B
-        logger.info("EASE fitted: %d users, %d items, lambda=%s", X.shape[0], n_items, self.lam)
         return self
 
     def score(self, foldin: Sparse) -> FloatArray:
@@ -124,3 +143,91 @@ class Popularity:
         model = cls()
         model.counts = counts
         return model
+
+
+EASE_LAMBDAS: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+"""The grid :func:`baselines_on_split` picks EASE's ``lambda`` from, on the validation users."""
+
+
+def _test_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(metrics[k]) for k in TEST_METRICS}
+
+
+def baselines_on_split(
+    run_dir: Path, *, lambdas: Sequence[float] = EASE_LAMBDAS
+) -> dict[str, Any] | None:
+    """Popularity and EASE on a prepared run's split, scored like the federated model.
+
+    Both fit on the training rows the run's clients hold (``RUN_DIR/data/clients.npz``) and are
+    scored with :func:`common.metrics.evaluate` on the run's held-out test users
+    (``RUN_DIR/data/eval.npz``), the users the federated model's ``final.test`` is scored on.
+    EASE's ``lambda`` is the best of ``lambdas`` by NDCG@100 on the validation users.
+
+    Parameters
+    ----------
+    run_dir:
+        A prepared run folder (:func:`common.run.folder.write_run_folder`).
+    lambdas:
+        EASE regularisation grid, each > 0.
+
+    Returns
+    -------
+    dict or None
+        ``{"split": {...user and item counts}, "popularity": {"label", "test"},
+        "ease": {"label", "lambda", "validation_ndcg@100", "test"}}``, each ``test`` holding
+        :data:`common.rounds.TEST_METRICS`; ``None`` when the folder holds no training rows
+        (a deployment's server keeps only the partition's sizes).
+
+    Raises
+    ------
+    ValueError
+        If ``lambdas`` is empty.
+    """
+    if not lambdas:
+        raise ValueError("lambdas must name at least one EASE lambda")
+    run_dir = Path(run_dir)
+    train = _check_matrix("train", population_rows(run_dir))
+    if train.nnz == 0:
+        logger.warning("%s: no training rows in the run folder; baselines skipped", run_dir)
+        return None
+    data = load_eval_data(run_dir)
+    popularity = Popularity().fit(train)
+    pop_test = evaluate(popularity.score, data.test_foldin, data.test_holdout)
+
+    gram = _gram(train)
+    validation: dict[str, float] = {}
+    best: tuple[float, float] | None = None  # (validation NDCG@100, lambda)
+    for lam in lambdas:
+        model = EASE(lam=lam).fit_gram(gram)
+        ndcg = float(
+            evaluate(model.score, data.validation_foldin, data.validation_holdout)["ndcg@100"]
+        )
+        validation[f"{lam:g}"] = ndcg
+        if best is None or ndcg > best[0]:
+            best = (ndcg, lam)
+    assert best is not None
+    lam = best[1]
+    ease = EASE(lam=lam).fit_gram(gram)
+    ease_test = evaluate(ease.score, data.test_foldin, data.test_holdout)
+    logger.info(
+        "baselines on the run's test users: popularity NDCG@100 %.4f, EASE (lambda %g) %.4f",
+        pop_test["ndcg@100"],
+        lam,
+        ease_test["ndcg@100"],
+    )
+    return {
+        "split": {
+            "train_users": int(train.shape[0]),
+            "validation_users": int(data.validation_foldin.shape[0]),
+            "test_users": int(data.test_foldin.shape[0]),
+            "test_users_scored": int(pop_test["n_users"]),
+            "items": int(train.shape[1]),
+        },
+        "popularity": {"label": "popularity", "test": _test_metrics(pop_test)},
+        "ease": {
+            "label": f"EASE (λ={lam:g})",
+            "lambda": lam,
+            "validation_ndcg@100": validation,
+            "test": _test_metrics(ease_test),
+        },
+    }

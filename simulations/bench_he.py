@@ -153,13 +153,7 @@ def _fedrec_codec(
 def _flare_default(updates: list[np.ndarray], reference: np.ndarray) -> SchemeResult:
     """NVIDIA FLARE's way: TenSEAL CKKSVector, public-key context, FLARE's default parameters."""
     params = ParamSet.FLARE_DEFAULT.params
-    context = ts.context(
-        ts.SCHEME_TYPE.CKKS,
-        poly_modulus_degree=params.poly_modulus_degree,
-        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
-        n_threads=1,
-    )
-    context.global_scale = params.scale
+    context = generate_keys(params).context  # same parameters, same key generation
     public = ts.context_from(context.serialize(save_secret_key=False), n_threads=1)
     slots, n_values = params.slots, updates[0].size
 

@@ -49,7 +49,7 @@ class CentralConfig:
     """Settings of a centralized run (``fedrec train-central``)."""
 
     dataset: str = "ml-100k"
-    """Data set name (``ml-100k``) or path to a supported file or folder."""
+    """Data set name (``ml-100k``, ``ml-1m``, ``pinterest-20``) or path to a file or folder."""
     model: RecommenderKind = RecommenderKind.MULTVAE
     """Which recommender to train."""
     dims: tuple[int, ...] = (600, 200)

@@ -11,29 +11,41 @@ the ``audit`` group that :mod:`common.cli` creates). ``python -m simulations.cli
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 from rich.table import Table
 
 from client.cli import add_client_commands
 from common.cli import (
+    CACHE_DIR_HELP,
+    EXIT_CODES_HELP,
+    CommandParser,
     Subparsers,
+    activity,
     add_audit_commands,
     add_data_commands,
     add_keys_commands,
     add_set_option,
     configure_logging,
     console,
+    interactive,
+    note,
     out,
+    positive_int,
     run_handler,
 )
 from common.errors import FedrecError
 from server.deploy.cli import add_deploy_commands
+
+if TYPE_CHECKING:
+    from common.run.config import RunConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -41,10 +53,55 @@ __all__ = ["build_parser", "main"]
 # ------------------------------------------------------------------------------------ handlers
 
 
-def _cmd_train_central(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+CENTRAL_KEYS = {
+    "model.kind": "model",
+    "model.dims": "dims",
+    "model.dropout": "dropout",
+    "model.beta_cap": "beta_cap",
+    "model.anneal_steps": "anneal_steps",
+    "data.dataset": "dataset",
+    "data.min_rating": "min_rating",
+    "data.n_heldout_users": "n_heldout_users",
+}
+"""``train-central --set`` keys laid out as in a run config (``model.dims`` as in ``simulate``),
+and the fields of :class:`~simulations.central.CentralConfig` they set."""
 
-    from common.config import apply_overrides, parse
+_DEPRECATED_CENTRAL_KEYS = {
+    flat: dotted
+    for dotted, flat in CENTRAL_KEYS.items()
+    if flat not in ("model", "dataset")  # also --model and --dataset: not deprecated
+}
+"""Old flat ``train-central --set`` keys (``dims``) and the run config keys replacing them."""
+
+
+def _central_sets(sets: list[str]) -> list[str]:
+    """``train-central``'s ``--set`` items, each old flat key (``dims``) renamed to its run
+    config key (``model.dims``) with a deprecation warning."""
+    renamed = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        dotted = _DEPRECATED_CENTRAL_KEYS.get(key.strip())
+        if dotted is not None and sep:
+            console.print(
+                f"[yellow]fedrec: warning: --set {key.strip()}=... is deprecated, use "
+                f"--set {dotted}=... (the key of a run config)",
+                highlight=False,
+            )
+            item = f"{dotted}={value}"
+        renamed.append(item)
+    return renamed
+
+
+def _epoch_info(m: dict[str, float], sep: str = "  ") -> str:
+    return f"loss {m['loss']:.2f}{sep}val NDCG@100 {m['ndcg@100']:.4f} (best {m['best']:.4f})"
+
+
+def _cmd_train_central(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    from common.config import load_config
+    from common.data.loading import EMBEDDED
+    from common.data.readers import detect_source
     from simulations.central import CentralConfig, run_central
 
     raw: dict[str, Any] = {"dataset": args.dataset, "model": args.model, "seed": args.seed}
@@ -52,23 +109,49 @@ def _cmd_train_central(args: argparse.Namespace) -> int:
         raw["epochs"] = args.epochs
     if args.cache_dir is not None:
         raw["cache_dir"] = str(args.cache_dir)
-    cfg = parse(CentralConfig, apply_overrides(raw, args.set))
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("epoch {task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task(cfg.model.value, total=cfg.epochs, info="")
+    cfg = load_config(CentralConfig, None, _central_sets(args.set), base=raw, aliases=CENTRAL_KEYS)
+    if cfg.dataset not in EMBEDDED:
+        detect_source(Path(cfg.dataset).expanduser())  # a missing data set: no bar, one line
+    if not interactive():  # no redrawn bar off a terminal: one plain line per epoch
+        note(f"{cfg.model.value} on {cfg.dataset}: up to {cfg.epochs} epochs -> {args.out}")
+        started = time.monotonic()
+
+        def on_epoch_line(epoch: int, total: int, m: dict[str, float]) -> None:
+            nonlocal started
+            now = time.monotonic()
+            note(f"epoch {epoch}/{total}: {_epoch_info(m, sep=', ')}, {now - started:.1f} s")
+            started = now
+
+        result = run_central(cfg, args.out, on_epoch=on_epoch_line)
+    else:
+        # a spinner while the data is read (and EASE/popularity fit); the bar from epoch 1, so
+        # that an error in the data never leaves an "epoch 0/200" bar above it
+        status = console.status(f"reading {cfg.dataset}, training {cfg.model.value}")
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("epoch {task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        task: TaskID | None = None
 
         def on_epoch(epoch: int, total: int, m: dict[str, float]) -> None:
-            info = f"loss {m['loss']:.2f}  val NDCG@100 {m['ndcg@100']:.4f} (best {m['best']:.4f})"
-            progress.update(task, completed=epoch, info=info)
+            nonlocal task
+            if task is None:
+                status.stop()
+                progress.start()
+                task = progress.add_task(cfg.model.value, total=total, info="")
+            progress.update(task, completed=epoch, info=_epoch_info(m))
 
-        result = run_central(cfg, args.out, on_epoch=on_epoch)
+        status.start()
+        try:
+            result = run_central(cfg, args.out, on_epoch=on_epoch)
+        finally:
+            status.stop()
+            progress.stop()
     table = Table(title=f"{cfg.model.value} on {cfg.dataset} (seed {cfg.seed})")
     table.add_column("split")
     keys = list(result.test)
@@ -116,6 +199,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 "or --force to start over"
             )
         cfg = load_run_config(args.config, args.set)
+        if args.config is None:
+            note(f"no --config: using the built-in defaults ({_summary(cfg)})")
         if args.force and run_dir.exists():
             for name in (
                 "server_state.pt",
@@ -125,24 +210,30 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 "ledger.jsonl",
             ):
                 (run_dir / name).unlink(missing_ok=True)
-        with console.status("preparing data and clients"):
+        with activity("preparing data and clients"):
             n_clients = prepare_run(cfg, run_dir, cache_dir=args.cache_dir)
-    console.print(f"{cfg.name}: {n_clients} clients, {cfg.rounds} rounds -> {run_dir}")
+    note(f"{cfg.name}: {n_clients} clients, {cfg.rounds} rounds -> {run_dir}")
+    note(f"per-round log: {run_dir / 'simulation.log'}")
     from common.privacy import plan_privacy
     from common.run.folder import client_sizes
 
-    with console.status("planning the privacy budget"):
+    with activity("planning the privacy budget"):
         try:
             plan = plan_privacy(cfg, n_clients, silo_sizes=client_sizes(run_dir))
         except ValueError as err:
             raise FedrecError(f"privacy: {err}") from None
     if plan is not None:
-        console.print(
+        note(
             f"{plan.mode.value}-level DP: clip {plan.clip}, "
             f"noise multiplier {plan.noise_multiplier:.4g}, "
             f"q {plan.sample_rate:.4g} x {plan.steps_per_round} steps/round, delta {plan.delta:.3g}"
             + (f", target epsilon {plan.target_epsilon}" if plan.target_epsilon else "")
         )
+        if cfg.privacy.noise_seed is not None:
+            console.print(
+                f"[yellow]privacy.noise_seed = {cfg.privacy.noise_seed}: the DP noise is seeded, "
+                "so this run repeats exactly and is NOT private (simulations only)"
+            )
     else:
         console.print("[yellow]privacy.mode = 'off': updates carry no differential privacy")
     columns = (
@@ -152,13 +243,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console) as progress:
+    plain = not interactive()  # rich redraws its bar on a terminal only: plain lines elsewhere
+    if plain:
+        note("starting Flower")
+    with Progress(*columns, console=console, disable=plain) as progress:
         task = progress.add_task("rounds", total=cfg.rounds, info="starting Flower")
         last_ndcg = "–"
 
         def on_event(event: dict[str, Any]) -> None:
             nonlocal last_ndcg
             kind = event.get("event")
+            if plain and kind in ("start", "nodes", "round"):
+                note(_event_line(event, cfg.rounds))
             if kind == "start":
                 progress.update(
                     task, completed=event.get("resumed_after", 0), info="waiting for client nodes"
@@ -172,38 +268,97 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                     f"sampled {event['sampled']} returned {event['returned']} "
                     f"failed {event['failed'] + event['dropped']}  NDCG@100 {last_ndcg}"
                 )
-                if event.get("epsilon") is not None:
-                    info += f"  ε {event['epsilon']:.3g}"
+                info += _epsilon_text(event, "ε")
                 progress.update(task, completed=event["round"], info=info)
 
-        outcome = simulate(run_dir, n_clients, cfg, on_event=on_event)
+        outcome = simulate(run_dir, n_clients, cfg, on_event=on_event, ray_address=args.ray_address)
     reference = None
     if cfg.reference:
-        with console.status("training the centralized reference on the same split"):
+        with activity("training the centralized reference on the same split"):
             reference = central_reference(cfg, run_dir, cache_dir=args.cache_dir)
     finish_results(run_dir, wall_seconds=outcome.wall_seconds, reference=reference)
     report = write_report(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
-    table = Table(title=f"{cfg.name}: test metrics after {cfg.rounds} rounds")
+    metric_keys = ("ndcg@100", "recall@20", "recall@50", "coverage@20")
+    table = Table(title=f"{cfg.name}: test metrics after {cfg.rounds} rounds (same test users)")
     table.add_column("model")
-    for key in ("ndcg@100", "recall@20", "recall@50"):
+    for key in metric_keys:
         table.add_column(key, justify="right")
+    table.add_column("federated / model", justify="right")
     final = results["final"]["test"]
-    table.add_row("federated", *(f"{final[k]:.4f}" for k in ("ndcg@100", "recall@20", "recall@50")))
+    baselines = results.get("baselines") or {}
+    rows = [("federated", final)]
+    for key in ("popularity", "ease"):
+        if baselines.get(key):
+            rows.append((baselines[key]["label"], baselines[key]["test"]))
     if reference is not None:
-        ref = reference["test"]
-        table.add_row(
-            reference["label"], *(f"{ref[k]:.4f}" for k in ("ndcg@100", "recall@20", "recall@50"))
-        )
+        rows.append((reference["label"], reference["test"]))
+    for label, test in rows:
+        ratio = "" if test is final or not test.get("ndcg@100") else (
+            f"{final['ndcg@100'] / test['ndcg@100']:.1%}"
+        )  # fmt: skip
+        table.add_row(label, *(f"{test[k]:.4f}" if k in test else "–" for k in metric_keys), ratio)
     out.print(table)
+    pop = (baselines.get("popularity") or {}).get("test", {}).get("ndcg@100")
+    if pop:
+        out.print(f"NDCG@100 federated / popularity: {final['ndcg@100'] / pop:.1%}")
     privacy = results["final"].get("privacy")
     if privacy:
+        target = cfg.privacy.target_epsilon
         out.print(
-            f"privacy: epsilon {privacy['epsilon']:.4g} (PRV; RDP {privacy['epsilon_rdp']:.4g}) "
-            f"at delta {privacy['delta']:.3g}; ledger: {run_dir / 'ledger.jsonl'}"
+            f"privacy: epsilon {privacy['epsilon']:.4g} (PRV; RDP {privacy['epsilon_rdp']:.4g})"
+            + (f" of target {target:g}" if target is not None else "")
+            + f" at delta {privacy['delta']:.3g}, noise multiplier "
+            f"{privacy['noise_multiplier']:.4g}, clip {privacy['clip']:g}, "
+            f"q {privacy['sample_rate']:.4g}; ledger: {run_dir / 'ledger.jsonl'} "
+            f"(check it: fedrec audit verify {run_dir})"
         )
     out.print(f"wall time {outcome.wall_seconds:.1f} s; report: {report}")
     return 0
+
+
+def _summary(cfg: RunConfig) -> str:
+    """What a run config runs, in a few words (for ``simulate`` without ``--config``)."""
+    encryption = "on" if cfg.encryption.enabled else "off"
+    return (
+        f"{cfg.data.dataset}, {cfg.data.partition.value} clients, {cfg.rounds} rounds, "
+        f"privacy {cfg.privacy.mode.value}, encryption {encryption}; "
+        "shipped configs: simulations/configs/*.toml"
+    )
+
+
+def _epsilon_text(event: dict[str, Any], symbol: str) -> str:
+    """The round's epsilon, naming its accountant: RDP every round, PRV where computed."""
+    if event.get("epsilon_rdp") is None:
+        return ""
+    text = f"  {symbol} {event['epsilon_rdp']:.3g} (RDP)"
+    if event.get("epsilon_prv") is not None:
+        text += f", {event['epsilon_prv']:.3g} (PRV)"
+    return text
+
+
+def _event_line(event: dict[str, Any], total: int) -> str:
+    """One plain progress line for a ``progress.jsonl`` event (``simulate`` off a terminal)."""
+    kind = event.get("event")
+    if kind == "start":
+        resumed = event.get("resumed_after", 0)
+        after = f" (resuming after round {resumed})" if resumed else ""
+        return f"waiting for client nodes{after}"
+    if kind == "nodes":
+        return f"{event['registered']} nodes registered"
+    parts = [f"{event['returned']}/{event['sampled']} returned"]
+    lost = int(event.get("failed") or 0) + int(event.get("dropped") or 0)
+    if lost:
+        parts.append(f"{lost} failed")
+    if event.get("refused"):
+        parts.append(f"{event['refused']} refused")
+    if event.get("ndcg@100") is not None:
+        parts.append(f"NDCG@100 {event['ndcg@100']:.4f}")
+    if event.get("epsilon_rdp") is not None:
+        parts.append(_epsilon_text(event, "epsilon").strip())
+    if event.get("seconds") is not None:
+        parts.append(f"{float(event['seconds']):.1f} s")
+    return f"round {event['round']}/{total}: " + ", ".join(parts)
 
 
 def _cmd_audit_empirical(args: argparse.Namespace) -> int:
@@ -269,11 +424,15 @@ def _cmd_bench_he(args: argparse.Namespace) -> int:
         raise FedrecError(f"bench he: {err}") from None
     with console.status(f"encrypting {cfg.updates} x {cfg.values:,} values with each scheme"):
         result = run_bench(cfg)
-    # rich falls back to 80 columns off a terminal, which wraps every cell of this table
-    (out if out.is_terminal else Console(width=120)).print(render(result))
-    if args.json is not None:
-        atomic_write_json(args.json, to_json(result))
-        out.print(f"wrote {args.json}")
+    if args.out is not None:
+        atomic_write_json(args.out, to_json(result))
+    if args.json:  # like every --json: the result as JSON on stdout, no table
+        out.print_json(json.dumps(to_json(result)))
+    else:
+        # rich falls back to 80 columns off a terminal, which wraps every cell of this table
+        (out if out.is_terminal else Console(width=120)).print(render(result))
+    if args.out is not None:
+        note(f"wrote {args.out}")
     return 0
 
 
@@ -282,21 +441,39 @@ def _cmd_bench_he(args: argparse.Namespace) -> int:
 
 def _add_train_central(sub: Subparsers) -> None:
     p = sub.add_parser("train-central", help="train a recommender centrally (the reference)")
-    p.add_argument("--dataset", default="ml-100k")
     p.add_argument(
-        "--model", default="multvae", choices=["multvae", "multdae", "ease", "popularity"]
+        "--dataset", default="ml-100k", help="ml-100k, ml-1m, pinterest-20 or a data file or folder"
+    )
+    p.add_argument(
+        "--model",
+        default="multvae",
+        choices=["multvae", "multdae", "ease", "popularity"],
+        help="recommender to train",
     )
     p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=None)
-    add_set_option(p, "e.g. --set dims=[200,64] --set lr=0.001")
+    p.add_argument(
+        "--epochs", type=positive_int, default=None, help="epoch cap (default: 200, early stop)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
+    p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
+    add_set_option(
+        p,
+        "keys laid out as in a run config, e.g. --set model.dims=[200,64] --set lr=0.001; "
+        "model.kind/dims/dropout/beta_cap/anneal_steps, data.min_rating/n_heldout_users, "
+        "epochs, patience, batch_size, lr, weight_decay, ease_lambda",
+    )
     p.set_defaults(handler=_cmd_train_central)
 
 
 def _add_simulate(sub: Subparsers) -> None:
     p = sub.add_parser("simulate", help="run a federated simulation (Flower, Ray backend)")
-    p.add_argument("--config", type=Path, default=None, help="run config TOML")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="run config TOML, e.g. simulations/configs/ml100k.toml (default: the built-in "
+        "defaults, which it says it uses)",
+    )
     p.add_argument("--out", type=Path, default=None, help="run folder")
     p.add_argument(
         "--resume",
@@ -306,7 +483,15 @@ def _add_simulate(sub: Subparsers) -> None:
         help="continue a stopped run from its last complete round",
     )
     p.add_argument("--force", action="store_true", help="start over in an existing run folder")
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="run on this existing Ray cluster, left running afterwards (default: "
+        "simulation.ray_address, else a local Ray for this run; 'local' forces one); "
+        "every node must see the run folder",
+    )
     add_set_option(p, "e.g. --set rounds=20 --set server.optimizer=fedadam")
     p.set_defaults(handler=_cmd_simulate)
 
@@ -318,14 +503,16 @@ def _add_audit_empirical(audit: Subparsers) -> None:
     )
     p.add_argument("--config", type=Path, required=True, help="run config TOML")
     add_set_option(p, "e.g. --set privacy.target_epsilon=4")
-    p.add_argument("--canaries", type=int, default=1000)
+    p.add_argument(
+        "--canaries", type=positive_int, default=1000, help="Dirac canary clients inserted"
+    )
     p.add_argument(
         "--population",
-        type=int,
+        type=positive_int,
         default=None,
         help="clients (default: prepared from the config's data)",
     )
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
     p.set_defaults(handler=_cmd_audit_empirical)
 
 
@@ -335,19 +522,27 @@ def _add_bench(sub: Subparsers) -> None:
     p = bsub.add_parser("he", help="encrypted aggregation: fedrec vs FLARE default vs plaintext")
     p.add_argument("--values", type=int, default=200_000, help="values per update")
     p.add_argument("--updates", type=int, default=10, help="updates summed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write JSON")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random updates")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (stdout)")
+    p.add_argument(
+        "--out", type=Path, default=None, metavar="PATH", help="also write the JSON to PATH"
+    )
     p.set_defaults(handler=_cmd_bench_he)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``fedrec`` subcommand, in the order ``--help`` lists them."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fedrec",
         description="Federated, privacy-preserving recommendations (Mult-VAE on Flower).",
+        epilog=EXIT_CODES_HELP,
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(verbose=0)
+    parser.add_argument("--version", action="version", version=f"fedrec {_version()}")
+    # every subcommand's parser is a CommandParser too: defaults in --help, -v after the command
+    sub = cast(  # the subparsers are CommandParsers, which the commands take as ArgumentParsers
+        Subparsers, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    )
     add_data_commands(sub)
     _add_train_central(sub)
     _add_simulate(sub)
@@ -359,8 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fedrec")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``fedrec`` command line; returns the process exit code."""
+    """Run the ``fedrec`` command line; returns the process exit code (``fedrec --help`` lists
+    them: :class:`common.cli.ExitCode`)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     return run_handler(args)

@@ -46,8 +46,12 @@ Two client engines compute step 3 (:class:`ClientEngine`):
 
 With DP off and the same seed the engine reproduces a Flower run's cohorts and metrics (checked
 by ``tests/simulations/test_fastsim.py``). With DP on, the noise comes from operating-system
-entropy (or ``noise_seed``) in both, so single runs differ, but the mechanism, its parameters and
-the accounting are the same.
+entropy in both, so single runs differ, but the mechanism, its parameters and the accounting are
+the same. ``privacy.noise_seed`` (simulations only, not private) makes DP runs repeatable: the
+``exact`` engine then draws client c's share in round r from
+:func:`client.dp_mod.seeded_noise_rng` ``(noise_seed, r, c)``, as the Flower ClientApp does;
+``batched`` draws the cohort's summed share from ``default_rng([noise_seed, r])`` (the same
+distribution, other draws).
 
 Usage (tiny run from a flag)::
 
@@ -64,7 +68,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.dp_mod import seeded_noise_rng
 from client.local import LocalData, compute_update, split_local
 from common.config import to_dict
 from common.io import atomic_write_json
@@ -155,14 +160,14 @@ class _Round:
         model_cfg: ModelConfig,
         plan: DPPlan | None,
         engine: ClientEngine,
-        noise_rng: np.random.Generator,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.model_cfg = model_cfg
         self.plan = plan
         self.engine = engine
-        self.noise_rng = noise_rng
+        self.noise_seed = cfg.privacy.noise_seed
+        self.noise_rng = np.random.default_rng()  # OS entropy, unless noise_seed is set
         self.noise_std = 0.0
         if plan is not None:
             self.noise_std = client_noise_std(
@@ -208,7 +213,7 @@ class _Round:
                     clip=plan.clip,
                     noise_std=self.noise_std,
                     denominator=plan.expected_participants,
-                    rng=self.noise_rng,
+                    rng=self._client_rng(server_round, cid),
                 )
                 w = 1.0 / plan.expected_participants
             weight += w
@@ -244,10 +249,19 @@ class _Round:
         # k clients' shares N(0, s^2) summed: N(0, k s^2), drawn once (float64, dict order)
         std = self.noise_std * math.sqrt(len(cohort))
         m = plan.expected_participants
+        rng = self.noise_rng
+        if self.noise_seed is not None:
+            rng = np.random.default_rng([self.noise_seed, server_round])
         for key in total:
-            total[key] += self.noise_rng.normal(0.0, std, size=total[key].shape)
+            total[key] += rng.normal(0.0, std, size=total[key].shape)
             total[key] /= m
         return total, len(cohort) / m
+
+    def _client_rng(self, server_round: int, client_id: int) -> np.random.Generator:
+        """Client ``client_id``'s noise generator in round ``server_round``."""
+        if self.noise_seed is None:
+            return self.noise_rng
+        return seeded_noise_rng(self.noise_seed, server_round=server_round, client_id=client_id)
 
 
 def _train_round(
@@ -338,8 +352,10 @@ def run_inprocess(
     engine:
         Client engine (see :class:`ClientEngine`).
     noise_seed:
-        Seed of the DP noise; ``None`` (default) draws it from operating-system entropy, as
-        clients do.
+        Seed of the DP noise (not private); ``None`` (default) takes ``privacy.noise_seed`` of
+        ``cfg``, and when that is unset too the noise comes from operating-system entropy, as
+        on devices. A seed given here is written into the run's recorded config (ledger header,
+        ``results.json``) as ``privacy.noise_seed``.
 
     Raises
     ------
@@ -348,6 +364,8 @@ def run_inprocess(
         asked for where it does not apply.
     """
     _check_supported(cfg)
+    if noise_seed is not None and noise_seed != cfg.privacy.noise_seed:
+        cfg = replace(cfg, privacy=replace(cfg.privacy, noise_seed=noise_seed))
     start = time.perf_counter()
     run_dir = Path(run_dir)
     out = run_dir if out is None else Path(out)
@@ -369,7 +387,7 @@ def run_inprocess(
         ledger = LedgerWriter.create(out / "ledger.jsonl", header)
     else:
         logger.warning("privacy.mode = 'off': updates carry no differential privacy")
-    clients = _Round(cfg, run_dir, model_cfg, plan, engine, np.random.default_rng(noise_seed))
+    clients = _Round(cfg, run_dir, model_cfg, plan, engine)
     node_ids = list(range(population))  # partition order, the Flower run's canonical order
     logger.info("in-process run: %d clients, %s client engine", population, engine.value)
     rounds: list[dict[str, Any]] = []

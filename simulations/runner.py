@@ -2,9 +2,12 @@
 
 The simulation runs in a child process started in its own session (:mod:`simulations.worker`),
 so the whole tree it starts (Ray's GCS, raylet, actors) shares one process group that is
-stopped as a unit on success, error or Ctrl-C: nothing outlives the command. The ServerApp
-appends one JSON line per round to ``RUN_DIR/progress.jsonl``, which this process follows to
-drive the progress display.
+stopped as a unit on success, error or Ctrl-C: nothing outlives the command. On an existing
+Ray cluster (``ray_address``) only the driver is fedrec's: the actors run in the cluster's
+raylets and Ray frees them when the driver disconnects or dies, while the cluster keeps
+running (fedrec never stops a cluster it did not start). The ServerApp appends one JSON line
+per round to ``RUN_DIR/progress.jsonl``, which this process follows to drive the progress
+display.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +111,36 @@ def _follow(path: Path, pos: int) -> tuple[list[ProgressEvent], int]:
     return events, pos
 
 
+def _check_ray_head(address: str, timeout: float = 10.0) -> None:
+    """Fail fast when nothing listens at a ``HOST:PORT`` Ray address.
+
+    Ray itself retries an unreachable GCS for minutes. Other forms (``local``, ``auto``,
+    ``ray://``) are left to Ray.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise FedrecError(
+            f"Ray cluster {address}: no Ray head answers there ({err}); start one with "
+            f"`ray start --head --port={port}` or check --ray-address / simulation.ray_address"
+        ) from None
+
+
 def simulate(
     run_dir: Path,
     n_clients: int,
     cfg: RunConfig,
     *,
     on_event: Callable[[ProgressEvent], None] | None = None,
+    ray_address: str | None = None,
 ) -> SimulationOutcome:
     """Run the prepared simulation in ``run_dir`` and wait for it; nothing is left running.
+
+    ``ray_address`` (else ``cfg.simulation.ray_address``) names an existing Ray cluster to run
+    on, which is left running; without one the run starts and stops a local Ray of its own.
 
     Raises
     ------
@@ -131,6 +159,13 @@ def simulate(
         str(n_clients),
         str(cfg.simulation.num_cpus_per_client),
     ]
+    address = ray_address if ray_address is not None else cfg.simulation.ray_address
+    if address is not None:
+        address = address.strip()
+        if not address:
+            raise FedrecError("--ray-address: give HOST:PORT of a Ray head (or 'local')")
+        _check_ray_head(address)
+        cmd.append(address)
     with interrupts_raise(), log_path.open("ab") as log:
         proc = subprocess.Popen(
             cmd,
@@ -175,12 +210,78 @@ def _last_error_line(log_path: Path) -> str:
     return lines[-1].strip()[:300] if lines else "no output"
 
 
+PROVENANCE_PACKAGES = {
+    "fedrec": "fedrec",
+    "flower": "flwr",
+    "torch": "torch",
+    "opacus": "opacus",
+    "tenseal": "tenseal",
+}
+"""What :func:`provenance` reports the version of: label -> distribution name."""
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    """``git -C repo ARGS`` stdout stripped, or ``None`` if git is missing or fails."""
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """The code that produced a run: package versions and the git commit of fedrec's checkout.
+
+    Returns
+    -------
+    dict
+        ``{"fedrec": "0.1.0", "flower": ..., "torch": ..., "opacus": ..., "tenseal": ...,
+        "python": ..., "git_commit": 40 hex digits or "unknown", "git_dirty": bool or None}``.
+        A package that is not installed reads ``"not installed"``. The commit is that of the
+        repository holding this package's source (an editable install), and ``"unknown"`` when
+        the package is not in a git checkout of its own (e.g. installed from a wheel).
+    """
+    info: dict[str, Any] = {}
+    for label, dist in PROVENANCE_PACKAGES.items():
+        try:
+            info[label] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[label] = "not installed"
+    info["python"] = platform.python_version()
+    root = Path(__file__).resolve().parent.parent
+    toplevel = _git(root, "rev-parse", "--show-toplevel")
+    commit = _git(root, "rev-parse", "HEAD") if toplevel is not None else None
+    if toplevel is None or Path(toplevel).resolve() != root or not commit:
+        info["git_commit"], info["git_dirty"] = "unknown", None
+    else:
+        status = _git(root, "status", "--porcelain", "--untracked-files=no")
+        info["git_commit"] = commit
+        info["git_dirty"] = None if status is None else bool(status)
+    return info
+
+
 def finish_results(run_dir: Path, *, wall_seconds: float, reference: dict[str, Any] | None) -> None:
-    """Add the wall time and the centralized reference to ``results.json``."""
+    """Complete ``results.json`` of a finished run.
+
+    Adds the wall time, the centralized reference (``None`` when not run), the popularity and
+    EASE baselines on the run's own held-out test users
+    (:func:`simulations.baselines.baselines_on_split`; ``None`` without training rows) and the
+    :func:`provenance` of the code.
+    """
+    from simulations.baselines import baselines_on_split
+
     path = run_dir / "results.json"
     results = json.loads(path.read_text())
     results["wall_seconds"] = round(wall_seconds, 2)
     results["reference"] = reference
+    results["baselines"] = baselines_on_split(run_dir)
+    results["provenance"] = provenance()
     atomic_write_json(path, results)
 
 

@@ -7,7 +7,15 @@ folder. The public ``run_simulation`` is deprecated in Flower 1.42 and ignores t
 and ``flwr run`` adds a detached SuperLink and an app install per run, hence this direct call
 (pinned to ``flwr==1.42.0``; a test runs it end to end).
 
-Usage: ``python -m simulations.worker RUN_DIR NUM_NODES NUM_CPUS_PER_CLIENT``
+Ray: without an address the backend starts a local Ray of its own (``address="local"``, so a
+``RAY_ADDRESS`` in the environment does not redirect it), which dies with this process's group.
+With an address (``fedrec simulate --ray-address``, ``simulation.ray_address``) it connects to that
+existing cluster as one more driver: no resources are declared (Ray refuses ``num_cpus`` then),
+the ClientApp actors run in the cluster's raylets, and ``ray.shutdown`` at the end (Flower's
+backend, and this module's ``finally`` for early failures) frees them; Ray also frees them when
+this driver dies (the job's actors share its fate). The cluster itself keeps running.
+
+Usage: ``python -m simulations.worker RUN_DIR NUM_NODES NUM_CPUS_PER_CLIENT [RAY_ADDRESS]``
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["APP_DIR", "main"]
+__all__ = ["APP_DIR", "backend_config", "is_external", "main"]
+
+logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """Folder whose ``pyproject.toml`` declares the Flower app (the project root)."""
@@ -47,8 +57,48 @@ def _record_node_partitions(run_dir: Path) -> None:
     vce_api._register_node_info_stores = recording
 
 
-def run(run_dir: Path, num_nodes: int, cpus_per_client: float) -> None:
-    """Run the simulation of ``run_dir`` with ``num_nodes`` virtual SuperNodes."""
+def is_external(ray_address: str | None) -> bool:
+    """Whether ``ray_address`` names an existing cluster (``None`` and ``"local"`` do not)."""
+    return ray_address is not None and ray_address != "local"
+
+
+def backend_config(cpus_per_client: float, ray_address: str | None = None) -> dict[str, Any]:
+    """Flower's Ray backend config: ``init_args`` go to ``ray.init`` as they are.
+
+    A local Ray gets every CPU of this machine; on an existing cluster (``ray_address``) the
+    cluster's nodes declare their own resources and the actor pool is sized from them.
+    """
+    init_args: dict[str, Any] = {
+        "logging_level": "ERROR",
+        "log_to_driver": True,
+        "include_dashboard": False,
+    }
+    if is_external(ray_address):
+        init_args["address"] = ray_address
+    else:
+        init_args["address"] = "local"
+        init_args["num_cpus"] = os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "init_args": init_args,
+    }
+
+
+def _shutdown_ray() -> None:
+    """Disconnect this driver (a no-op when Flower's backend already did, or never connected)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def run(
+    run_dir: Path, num_nodes: int, cpus_per_client: float, ray_address: str | None = None
+) -> None:
+    """Run the simulation of ``run_dir`` with ``num_nodes`` virtual SuperNodes.
+
+    ``ray_address`` names an existing Ray cluster to run on; ``None`` starts a local Ray.
+    """
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as flwr-simulation does
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir, get_project_config
@@ -86,34 +136,38 @@ def run(run_dir: Path, num_nodes: int, cpus_per_client: float) -> None:
     if num_nodes >= vce_patch.MIN_NODES:
         vce_patch.apply()
     _record_node_partitions(run_dir.resolve())
-    _run_simulation(
-        num_supernodes=num_nodes,
-        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-        server_app_attr=components["serverapp"],
-        client_app_attr=components["clientapp"],
-        app_dir=str(APP_DIR),
-        is_app=True,
-        run=run,
-        server_app_context=server_context,
-        backend_name="ray",
-        backend_config={
-            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": os.cpu_count() or 1,
-                "logging_level": "ERROR",
-                "log_to_driver": True,
-                "include_dashboard": False,
-            },
-        },
-        verbose_logging=False,
-    )
+    backend = backend_config(cpus_per_client, ray_address)
+    if is_external(ray_address):
+        logger.info(
+            "Ray: connecting to the existing cluster at %s (it keeps running after this run)",
+            ray_address,
+        )
+    else:
+        logger.info("Ray: starting a local Ray with %s CPUs", backend["init_args"]["num_cpus"])
+    try:
+        _run_simulation(
+            num_supernodes=num_nodes,
+            exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+            server_app_attr=components["serverapp"],
+            client_app_attr=components["clientapp"],
+            app_dir=str(APP_DIR),
+            is_app=True,
+            run=run,
+            server_app_context=server_context,
+            backend_name="ray",
+            backend_config=backend,
+            verbose_logging=False,
+        )
+    finally:
+        _shutdown_ray()
 
 
 def main() -> None:
     """Entry point of the child process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run_dir, num_nodes, cpus = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    run(run_dir, num_nodes, cpus)
+    ray_address = sys.argv[4] if len(sys.argv) > 4 else None
+    run(run_dir, num_nodes, cpus, ray_address)
 
 
 if __name__ == "__main__":

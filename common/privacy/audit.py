@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -115,6 +116,8 @@ class AuditReport:
         The epsilon budget checked against, if any.
     checks:
         ``(name, passed, detail)`` for each check run, in order.
+    warnings:
+        What the auditor should know that fails no check (seeded, non-private noise).
     """
 
     status: AuditStatus
@@ -126,6 +129,7 @@ class AuditReport:
     delta: float = math.nan
     budget: float | None = None
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able dict; a non-finite epsilon becomes ``null`` (see ``status``/``mode``)."""
@@ -143,7 +147,12 @@ class AuditReport:
                 {"name": name, "passed": passed, "detail": detail}
                 for name, passed, detail in self.checks
             ],
+            "warnings": list(self.warnings),
         }
+
+
+def _rounds(n: int) -> str:
+    return f"{n} round" if n == 1 else f"{n} rounds"
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -151,7 +160,11 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def verify_ledger(
-    path: Path, *, budget: float | None = None, tolerance: float = 1e-6
+    path: Path,
+    *,
+    budget: float | None = None,
+    tolerance: float = 1e-6,
+    on_progress: Callable[[str], None] | None = None,
 ) -> AuditReport:
     """Check a ledger's integrity and recompute its epsilon (see the module docstring).
 
@@ -163,6 +176,9 @@ def verify_ledger(
         Epsilon budget; a recomputed PRV epsilon above it fails. ``None``: no budget check.
     tolerance:
         Relative tolerance for the recomputed RDP epsilon of every round (default 1e-6).
+    on_progress:
+        Called with a short description of each slow step as it starts (reading the ledger,
+        recomputing RDP, recomputing PRV), e.g. to tell a user what a long audit is doing.
 
     Returns
     -------
@@ -181,14 +197,22 @@ def verify_ledger(
     path = Path(path)
     if path.is_dir():
         path = path / LEDGER_FILENAME
-    return _Audit(path, budget=budget, tolerance=tolerance).run()
+    return _Audit(path, budget=budget, tolerance=tolerance, on_progress=on_progress).run()
 
 
 class _Audit:
     """One verification: collects checks; each ``_check_*`` returns whether it passed."""
 
-    def __init__(self, path: Path, *, budget: float | None, tolerance: float):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        budget: float | None,
+        tolerance: float,
+        on_progress: Callable[[str], None] | None = None,
+    ):
         self.path = path
+        self.on_progress = on_progress
         self.report = AuditReport(status=AuditStatus.FAILED, reason="", budget=budget)
         self.tolerance = tolerance
         self.lines: list[LedgerLine] = []
@@ -202,6 +226,14 @@ class _Audit:
             header = self.lines[0].record
             self.mode = LedgerMode(header["mode"])
             report.delta = float(header["delta"])
+            seed, privacy = header.get("noise_seed"), header["config"].get("privacy")
+            if seed is None and isinstance(privacy, dict):
+                seed = privacy.get("noise_seed")
+            if seed is not None:  # privacy.noise_seed: a repeatable simulation
+                report.warnings.append(
+                    f"noise seeded (privacy.noise_seed = {seed}): a repeatable simulation, "
+                    "not private"
+                )
             # all integrity checks run (a full report), accounting only if they all pass
             integrity = [
                 self._check_chain(),
@@ -227,6 +259,10 @@ class _Audit:
             )
         return report
 
+    def _progress(self, step: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(step)
+
     def _add(self, name: str, passed: bool, detail: str) -> bool:
         self.report.checks.append((name, passed, detail))
         return passed
@@ -234,6 +270,7 @@ class _Audit:
     # ---- integrity ---------------------------------------------------------------------------
 
     def _check_readable(self) -> bool:
+        self._progress(f"reading and checking {self.path}")
         try:
             self.lines = read_ledger_lines(self.path)
         except DataError as err:
@@ -338,6 +375,7 @@ class _Audit:
         return self._check_rdp() and self._check_prv()
 
     def _check_rdp(self) -> bool:
+        self._progress(f"recomputing the RDP epsilon of {_rounds(len(self.rounds))}")
         accountant = PrivacyAccountant(delta=self.report.delta)
         recomputed, previous_claim = 0.0, 0.0
         for rec in self.rounds:
@@ -385,6 +423,9 @@ class _Audit:
         return self._add("rdp epsilon", True, f"{whole:.6g} matches all {len(self.rounds)} claims")
 
     def _check_prv(self) -> bool:
+        self._progress(
+            f"recomputing the PRV epsilon of {_rounds(len(self.rounds))} (this can take minutes)"
+        )
         try:
             recomputed = self._compute(AccountantKind.PRV)
         except ValueError as err:  # a grid too large: epsilon is far beyond any budget
@@ -447,6 +488,7 @@ def render(report: AuditReport) -> str:
     budget = "none" if report.budget is None else f"{report.budget:g}"
     lines = [
         f"{report.status.value.upper()}: {report.reason}",
+        *(f"WARNING: {warning}" for warning in report.warnings),
         f"rounds: {report.rounds}    delta: {report.delta:.3g}    budget: {budget}",
         f"epsilon claimed: {eps(report.claimed_epsilon)}    recomputed PRV: "
         f"{eps(report.recomputed_epsilon_prv)}    RDP: {eps(report.recomputed_epsilon_rdp)}",

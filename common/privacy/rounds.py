@@ -27,6 +27,8 @@ from common.privacy.plan import DPPlan
 from common.run.config import RunConfig
 
 __all__ = [
+    "NOISE_OS_ENTROPY",
+    "NOISE_SEEDED",
     "PrivacyRound",
     "charge_round",
     "client_round_step",
@@ -180,8 +182,25 @@ def resume_accountant(plan: DPPlan, records: Iterable[Mapping[str, Any]]) -> Pri
     return PrivacyAccountant(delta=plan.delta, history=history)
 
 
+NOISE_OS_ENTROPY = "os-entropy"
+"""The header's ``noise``: every client draws its DP noise from operating-system entropy."""
+NOISE_SEEDED = "seeded, not private"
+"""The header's ``noise`` under ``privacy.noise_seed`` (a repeatable simulation)."""
+
+
 def ledger_header(*, run_id: str, cfg: RunConfig, plan: DPPlan) -> dict[str, Any]:
-    """The header of a run's ledger (:meth:`common.privacy.ledger.LedgerWriter.create`)."""
+    """The header of a run's ledger (:meth:`common.privacy.ledger.LedgerWriter.create`).
+
+    ``noise`` says where the clients' DP noise comes from (:data:`NOISE_OS_ENTROPY`, or
+    :data:`NOISE_SEEDED` with the seed in ``noise_seed``), so an auditor sees a seeded run.
+    """
+    seed = cfg.privacy.noise_seed
+    if seed is not None:
+        logger.warning(
+            "privacy.noise_seed = %d: the DP noise is seeded, so this run is repeatable and NOT "
+            "private (simulations only)",
+            seed,
+        )
     return {
         "run_id": run_id,
         "code_version": f"fedrec {version('fedrec')}",
@@ -190,6 +209,8 @@ def ledger_header(*, run_id: str, cfg: RunConfig, plan: DPPlan) -> dict[str, Any
         "delta": plan.delta,
         "accountant": AccountantKind.PRV.value,
         "mode": plan.mode.value,
+        "noise": NOISE_OS_ENTROPY if seed is None else NOISE_SEEDED,
+        "noise_seed": seed,
     }
 
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import apply_overrides, load_toml, parse
+from common.config import load_config
 from common.model import ModelConfig, ModelKind
 
 __all__ = [
@@ -83,7 +83,7 @@ class DataConfig:
     """Which data, how it is split and how users are spread over clients."""
 
     dataset: str = "ml-100k"
-    """``ml-100k`` or a path to a supported data file or folder."""
+    """``ml-100k``, ``ml-1m``, ``pinterest-20`` (fetched) or a path to a data file or folder."""
     min_rating: float = 4.0
     """Ratings at or above this are positives."""
     n_heldout_users: int | None = None
@@ -227,10 +227,22 @@ class PrivacyConfig:
     this lower quantile of Binomial(N, q), not its mean qN. With Poisson sampling fewer than qN
     clients often take part, and such a round's noise (relative to C) is z * sqrt(k / qN), so
     planning for the mean overshoots the target; 0.5 plans for the median."""
+    noise_seed: int | None = None
+    """Simulations only, NOT PRIVATE: client mode draws each client's noise from
+    ``default_rng([noise_seed, round, client id])`` instead of OS entropy, so a DP simulation
+    repeats exactly; whoever knows the seed can subtract the noise. Devices and ``fedrec deploy``
+    refuse it; the ledger header records it."""
 
     def __post_init__(self) -> None:
+        if self.noise_seed is not None and self.noise_seed < 0:
+            raise ValueError(f"privacy.noise_seed must be >= 0, got {self.noise_seed}")
         if self.mode is PrivacyMode.OFF:
             return
+        if self.noise_seed is not None and self.mode is not PrivacyMode.CLIENT:
+            raise ValueError(
+                "privacy.noise_seed seeds the client-level DP mod only (privacy.mode = 'client'); "
+                "DP-SGD in silos draws its noise from OS entropy"
+            )
         _positive("privacy.clip", self.clip)
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
@@ -289,6 +301,14 @@ class SimulationSection:
     """Fault injection: these client ids raise an error whenever asked to train."""
     lying_clients: tuple[int, ...] = ()
     """Fault injection: these client ids return a wrong decryption when on the committee."""
+    ray_address: str | None = None
+    """Run on this existing Ray cluster (``HOST:PORT`` of its head); None starts a local Ray.
+
+    ``fedrec simulate --ray-address`` overrides it. Every node must see the run folder."""
+
+    def __post_init__(self) -> None:
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ValueError("simulation.ray_address must be HOST:PORT of a Ray head, got ''")
 
 
 @dataclass(frozen=True)
@@ -335,6 +355,12 @@ class RunConfig:
 
 
 def load_run_config(path: Path | None, sets: list[str] | None = None) -> RunConfig:
-    """Parse a TOML run config (or the defaults) with ``--set`` overrides applied."""
-    raw = load_toml(path) if path is not None else {}
-    return parse(RunConfig, apply_overrides(raw, sets or []))
+    """Parse a TOML run config (or the defaults) with ``--set`` overrides applied.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the file (and line) or the ``--set`` item at fault, e.g.
+        ``config.toml:3: unknown config key 'rouds' (did you mean 'rounds'?)``.
+    """
+    return load_config(RunConfig, path, sets or [])

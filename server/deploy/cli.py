@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
-from common.cli import Subparsers, add_set_option, console, out
+from common.cli import CACHE_DIR_HELP, Subparsers, add_set_option, console, out, positive_int
 from common.errors import FedrecError
 
 __all__ = ["DEFAULT_LOCAL_CONFIG", "add_deploy_commands"]
@@ -98,12 +98,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = operator.run_app(APP_DIR, run_config, timeout=args.timeout)
     out.print(f"run {result.run_id}: {result.status} in {result.seconds:.1f} s")
     out.print(f"ServerApp log: {result.log_path}")
-    return 0 if result.completed else 1
+    if not result.completed:  # exit code 1 is for failed verification only (ExitCode)
+        raise FedrecError(
+            f"run {result.run_id} did not complete ({result.status}): see {result.log_path}"
+        )
+    return 0
 
 
 def _cmd_local(args: argparse.Namespace) -> int:
     from common.run.config import load_run_config
     from server.deploy.loopback import deploy_loopback
+    from server.deploy.provision import check_deployable
 
     if args.clients < 2:
         raise FedrecError("--clients must be >= 2")
@@ -111,6 +116,7 @@ def _cmd_local(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         sets.append(f"rounds={args.rounds}")
     cfg = load_run_config(args.config, sets)
+    check_deployable(cfg)  # before anything starts: privacy.noise_seed is for simulations
     work = (
         Path(args.out) if args.out is not None else Path(tempfile.mkdtemp(prefix="fedrec-local-"))
     )
@@ -142,7 +148,11 @@ def _cmd_local(args: argparse.Namespace) -> int:
     for key, value in rows:
         table.add_row(key, str(value))
     out.print(table)
-    return 0 if result.run.completed else 1
+    if not result.run.completed:
+        raise FedrecError(
+            f"run {result.run.run_id} did not complete ({result.run.status}): see {work / 'logs'}"
+        )
+    return 0
 
 
 def _size(n: float) -> str:
@@ -163,24 +173,26 @@ def add_deploy_commands(sub: Subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the files")
     p.add_argument("--host", required=True, help="name or IP the devices dial (in the certificate)")
     p.add_argument("--name", action="append", default=[], help="another name or IP (repeatable)")
-    p.add_argument("--days", type=float, default=365.0, help="validity")
+    p.add_argument("--days", type=float, default=365.0, help="validity in days")
     p.set_defaults(handler=_cmd_certs)
 
     p = dsub.add_parser("node-key", help="a device's authentication key pair (NAME, NAME.pub)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for the key pair")
     p.add_argument("--name", required=True, help="file name of the private key")
     p.set_defaults(handler=_cmd_node_key)
 
     p = dsub.add_parser("register", help="register a device's public key with the SuperLink")
-    p.add_argument("public_key", type=Path, metavar="KEY.pub")
-    p.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    p.add_argument("public_key", type=Path, metavar="KEY.pub", help="the device's public key")
+    p.add_argument(
+        "--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address"
+    )
     p.add_argument("--ca", type=Path, required=True, help="CA certificate of the SuperLink")
     p.add_argument("--name", default=None, help="a label for the node")
     p.set_defaults(handler=_cmd_register)
 
     p = dsub.add_parser("prepare", help="the server's run folder (no client rows) from a config")
     p.add_argument("--config", type=Path, required=True, help="run config TOML")
-    p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder")
     p.add_argument(
         "--export-clients",
         type=Path,
@@ -188,12 +200,14 @@ def add_deploy_commands(sub: Subparsers) -> None:
         metavar="DIR",
         help="also write each client's rows as DIR/device-K/history.csv (demos)",
     )
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
     add_set_option(p, "e.g. --set data.n_silos=3")
     p.set_defaults(handler=_cmd_prepare)
 
     p = dsub.add_parser("run", help="launch a run on a SuperLink and follow it to its end")
-    p.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address"
+    )
     p.add_argument("--ca", type=Path, required=True, help="CA certificate of the SuperLink")
     p.add_argument(
         "--run-dir", type=Path, required=True, help="absolute path on the server machine"
@@ -207,13 +221,15 @@ def add_deploy_commands(sub: Subparsers) -> None:
         "local", help="SuperLink + N devices on 127.0.0.1 (TLS, auth), one run, measured"
     )
     p.add_argument("--clients", type=int, default=3, help="devices (each one silo of the data)")
-    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument(
+        "--rounds", type=positive_int, default=None, help="rounds (default: the config's)"
+    )
     p.add_argument(
         "--out", type=Path, default=None, help="work folder (default: a new temp folder)"
     )
     p.add_argument("--config", type=Path, default=DEFAULT_LOCAL_CONFIG, help="run config TOML")
     p.add_argument("--budget", type=float, default=None, help="each device's epsilon budget")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for the run")
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
     add_set_option(p, "e.g. --set encryption.enabled=false --set privacy.mode=off")
     p.set_defaults(handler=_cmd_local)

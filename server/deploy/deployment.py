@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import tomli_w
 
@@ -97,7 +98,26 @@ class _Child:
             return log.read().decode(errors="replace")
 
 
-class Deployment:
+class ClosesOnExit:
+    """A ``with`` block calls :meth:`close` on the way out, on success, error or Ctrl-C."""
+
+    def close(self) -> None:
+        """Stop what the object started."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Deployment(ClosesOnExit):
     """A SuperLink with TLS and SuperNode authentication, and SuperNodes, on this machine.
 
     Use it as a context manager: leaving the block stops every process it started.
@@ -337,17 +357,6 @@ class Deployment:
         for child in sorted(self._children, key=lambda c: c.name == "superlink"):
             self._seen_pids.update(stop_tree(child.proc, grace=grace))
         self._children.clear()
-
-    def __enter__(self) -> Deployment:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def deploy_local(

@@ -25,12 +25,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from common.processes import interrupts_raise
 from common.run.config import RunConfig
 from server.deploy.certs import make_ca, make_node_keys, make_server_cert
-from server.deploy.deployment import Deployment, RunResult
+from server.deploy.deployment import ClosesOnExit, Deployment, RunResult
 from server.deploy.provision import Provisioned, prepare_deployment
 
 __all__ = ["APP_DIR", "Loopback", "LoopbackResult", "deploy_loopback"]
@@ -93,7 +92,7 @@ def _copy_keys(src: Path, dst: Path, names: tuple[str, ...]) -> Path:
     return dst
 
 
-class Loopback:
+class Loopback(ClosesOnExit):
     """A prepared run, a TLS SuperLink and one ``fedrec client join`` device per client.
 
     Parameters
@@ -199,17 +198,6 @@ class Loopback:
     def close(self) -> None:
         """Stop every process (devices first, then the SuperLink)."""
         self.deployment.close()
-
-    def __enter__(self) -> Loopback:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def deploy_loopback(

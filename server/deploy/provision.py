@@ -25,11 +25,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import ConfigError
 from common.io import atomic_write_text
 from common.run.config import RunConfig
 from common.run.folder import drop_client_rows, load_client_shard, n_clients_of, write_run_folder
 
-__all__ = ["Provisioned", "export_client_histories", "prepare_deployment"]
+__all__ = ["Provisioned", "check_deployable", "export_client_histories", "prepare_deployment"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,21 @@ class Provisioned:
     n_items: int
     histories: list[Path]
     """One history file per client (empty unless exported)."""
+
+
+def check_deployable(cfg: RunConfig) -> None:
+    """Refuse a config that only a simulation may run: one with ``privacy.noise_seed``.
+
+    Raises
+    ------
+    ConfigError
+        If ``privacy.noise_seed`` is set (seeded DP noise is not private; devices refuse it).
+    """
+    if cfg.privacy.noise_seed is not None:
+        raise ConfigError(
+            f"privacy.noise_seed = {cfg.privacy.noise_seed} makes the DP noise predictable "
+            "(simulations only); a deployment refuses it: remove it from the config"
+        )
 
 
 def export_client_histories(run_dir: Path, out_dir: Path) -> list[Path]:
@@ -88,7 +104,13 @@ def prepare_deployment(
         Data cache (``$FEDREC_DATA``).
     export_dir:
         If given, also write each client's rows there as a device history file.
+
+    Raises
+    ------
+    ConfigError
+        If the config sets ``privacy.noise_seed`` (:func:`check_deployable`).
     """
+    check_deployable(cfg)
     run_dir = Path(run_dir).resolve()
     prepared = write_run_folder(cfg, run_dir, cache_dir=cache_dir)
     histories = export_client_histories(run_dir, export_dir) if export_dir is not None else []

@@ -1,6 +1,8 @@
-"""The client DP mod: clip, noise share, fixed denominator, budget refusal."""
+"""The client DP mod: clip, noise share, fixed denominator, budget refusal, seeded noise."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +16,12 @@ from flwr.app import (
     RecordDict,
 )
 
-from client.dp_mod import make_client_dp_mod
+from client.app import _noise_seed
+from client.dp_mod import SeededNoiseRefusedError, make_client_dp_mod, seeded_noise_rng
+from client.store import device_mod
 from common.privacy import client_epsilon_after
+from common.run.config import load_run_config
+from common.run.info import run_info_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -36,8 +42,8 @@ def _instruction(*, noise_std: float, server_round: int = 1) -> Message:
     return Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
 
 
-def _context() -> Context:
-    return Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+def _context(**node_config: str | int) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
 
 def _plain_train(update: list[float], weight: float):  # type: ignore[no-untyped-def]
@@ -103,3 +109,65 @@ def test_without_dp_config_the_mod_is_transparent() -> None:
     reply = mod(msg, _context(), call_next)
     np.testing.assert_allclose(reply.content.array_records["arrays"].to_numpy_ndarrays()[0], [6, 8])
     assert len(calls) == 1
+
+
+def test_noise_seed_draws_a_simulated_clients_noise_from_round_and_client() -> None:
+    mod = make_client_dp_mod(lambda ctx: None, lambda ctx: 11)
+    outs = []
+    for _ in range(2):
+        call_next, _ = _plain_train([0.0, 0.0], weight=1.0)
+        reply = mod(
+            _instruction(noise_std=2.0, server_round=3), _context(**{"partition-id": 5}), call_next
+        )
+        outs.append(reply.content.array_records["arrays"].to_numpy_ndarrays()[0])
+
+    # the same draws twice: N(0, 2^2) from default_rng([11, 3, 5]), divided by m = 4
+    expected = seeded_noise_rng(11, server_round=3, client_id=5).normal(0.0, 2.0, size=2) / 4.0
+    np.testing.assert_allclose(outs[0], expected, rtol=1e-6)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    call_next, _ = _plain_train([0.0, 0.0], weight=1.0)
+    other = mod(
+        _instruction(noise_std=2.0, server_round=3), _context(**{"partition-id": 6}), call_next
+    )
+    assert not np.array_equal(other.content.array_records["arrays"].to_numpy_ndarrays()[0], outs[0])
+
+
+@pytest.mark.parametrize(
+    "node_config",
+    [{"data": "/home/me/history.csv"}, {"data": "h.csv", "partition-id": 0}, {}],
+    ids=["device", "device-with-partition-id", "no-partition-id"],
+)
+def test_a_node_that_is_not_a_simulated_client_refuses_a_noise_seed(
+    node_config: dict[str, str | int],
+) -> None:
+    mod = make_client_dp_mod(lambda ctx: None, lambda ctx: 11)
+    call_next, calls = _plain_train([1.0, 1.0], weight=1.0)
+    with pytest.raises(SeededNoiseRefusedError, match="noise_seed = 11"):
+        mod(_instruction(noise_std=1.0), _context(**node_config), call_next)
+    assert calls == []  # refused before training: nothing is computed, nothing sent
+
+
+def test_without_a_noise_seed_a_device_trains_with_os_entropy() -> None:
+    mod = make_client_dp_mod(lambda ctx: None, lambda ctx: None)
+    call_next, calls = _plain_train([0.0, 0.0], weight=1.0)
+    reply = mod(_instruction(noise_std=1.0), _context(data="h.csv"), call_next)
+    assert len(calls) == 1
+    assert np.all(reply.content.array_records["arrays"].to_numpy_ndarrays()[0] != 0.0)
+
+
+def test_a_device_refuses_a_noise_seed_that_comes_with_the_run_config(tmp_path: Path) -> None:
+    """The ClientApp's own lookup: a device reads the seed from the server-sent run config."""
+    history = tmp_path / "history.csv"
+    history.write_text("user,item\nu,10\nu,20\n")
+    sets = ["privacy.mode=client", "privacy.noise_multiplier=1.0", "privacy.noise_seed=3"]
+    msg = _instruction(noise_std=1.0)
+    msg.content.config_records["config"].update(
+        run_info_config(load_run_config(None, sets), ("10", "20"))
+    )
+    mod = make_client_dp_mod(lambda ctx: None, _noise_seed)
+    call_next, calls = _plain_train([1.0, 1.0], weight=1.0)
+
+    with pytest.raises(SeededNoiseRefusedError, match="noise_seed = 3"):
+        device_mod(msg, _context(data=str(history)), lambda m, c: mod(m, c, call_next))
+
+    assert calls == []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import apply_overrides, load_toml, parse, to_dict, to_toml
+from common.config import apply_overrides, load_config, load_toml, parse, to_dict, to_toml
 from common.errors import ConfigError
 
 
@@ -91,3 +91,87 @@ def test_round_trip_through_toml(tmp_path: Path) -> None:
     path.write_text(to_toml(cfg))
     assert parse(Top, load_toml(path)) == cfg
     assert to_dict(cfg)["server"] == {"optimizer": "fedadam", "lr": 0.1}
+
+
+def test_unknown_key_suggests_the_nearest_one() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(Top, {"rouds": 20})
+    assert str(info.value) == "unknown config key 'rouds' (did you mean 'rounds'?)"
+    with pytest.raises(ConfigError, match=r"'server\.lrr' \(did you mean 'server\.lr'\?\)"):
+        parse(Top, {"server": {"lrr": 2}})
+
+
+def test_config_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "config.toml"
+    path.write_text("# a run\nrouds = 20\n\n[server]\nlr = -1\n")
+    bad_value = tmp_path / "lr.toml"
+    bad_value.write_text('rounds = 2\n[server]\noptimizer = "fedadam"\nlr = -1\n')
+
+    # Execute
+    with pytest.raises(ConfigError) as unknown:
+        load_config(Top, path)
+    with pytest.raises(ConfigError) as value:
+        load_config(Top, bad_value)
+
+    # Assert
+    assert str(unknown.value) == f"{path}:2: unknown config key 'rouds' (did you mean 'rounds'?)"
+    assert str(value.value) == f"{bad_value}:4: server: lr must be > 0, got -1.0"
+
+
+def test_set_errors_name_the_set_item(tmp_path: Path) -> None:
+    # Prepare: the file is fine, the --set is not
+    path = tmp_path / "config.toml"
+    path.write_text("rounds = 2\n")
+
+    # Execute
+    with pytest.raises(ConfigError) as unknown:
+        load_config(Top, path, ["rouds=20"])
+    with pytest.raises(ConfigError) as value:
+        load_config(Top, path, ["server.lr=0"])
+    with pytest.raises(ConfigError) as item:
+        load_config(Top, None, ['dims=[1, "a"]'])
+
+    # Assert
+    assert str(unknown.value) == (
+        "--set rouds=20: unknown config key 'rouds' (did you mean 'rounds'?)"
+    )
+    assert str(value.value) == "--set server.lr=0: server: lr must be > 0, got 0.0"
+    assert str(item.value) == "--set dims=[1, \"a\"]: dims[1]: expected an integer, got 'a'"
+
+
+def test_aliases_let_a_flat_config_take_dotted_keys() -> None:
+    # Prepare: "model.dims" names the flat field "dims"
+    aliases = {"model.dims": "dims", "model.rounds": "rounds"}
+
+    # Execute
+    cfg = load_config(Top, None, ["model.dims=[8]"], base={"rounds": 3}, aliases=aliases)
+
+    # Assert: the alias sets the field; errors name the key as the user gave it
+    assert cfg.dims == (8,) and cfg.rounds == 3
+    with pytest.raises(ConfigError) as bad:
+        load_config(Top, None, ['model.dims=["x"]'], aliases=aliases)
+    assert str(bad.value) == "--set model.dims=[\"x\"]: model.dims[0]: expected an integer, got 'x'"
+    with pytest.raises(ConfigError) as unknown:
+        load_config(Top, None, ["model.dimz=[8]"], aliases=aliases)
+    assert str(unknown.value) == (
+        "--set model.dimz=[8]: unknown config key 'model.dimz' (did you mean 'model.dims'?)"
+    )
+
+
+def test_run_config_errors_name_the_file_or_the_set(tmp_path: Path) -> None:
+    # Prepare
+    from common.run.config import load_run_config
+
+    path = tmp_path / "config.toml"
+    path.write_text('name = "x"\nrouds = 20\n')
+
+    # Execute
+    with pytest.raises(ConfigError) as in_file:
+        load_run_config(path)
+    with pytest.raises(ConfigError) as in_set:
+        load_run_config(None, ["server.sample_rate=2"])
+
+    # Assert
+    assert str(in_file.value) == (f"{path}:2: unknown config key 'rouds' (did you mean 'rounds'?)")
+    assert str(in_set.value).startswith("--set server.sample_rate=2: server: sample_rate must be")

@@ -36,15 +36,25 @@ def test_bench_config_checks_sizes() -> None:
 def test_cli_bench_he_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Execute
     code = main(
-        ["bench", "he", "--values", "2000", "--updates", "2", "--json", str(tmp_path / "b.json")]
+        ["bench", "he", "--values", "2000", "--updates", "2", "--out", str(tmp_path / "b.json")]
     )
 
-    # Assert
+    # Assert: the table on stdout, the JSON in --out
     assert code == 0
     assert "fedrec / FLARE" in capsys.readouterr().out
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["config"]["values"] == 2000 and len(data["rows"]) == 4
     assert main(["bench", "he", "--values", "0"]) == 2
+
+
+def test_cli_bench_he_json_is_a_flag_printing_json(capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute: --json takes no value, like every other command's --json
+    code = main(["bench", "he", "--values", "2000", "--updates", "2", "--json"])
+
+    # Assert: stdout is the JSON alone
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["values"] == 2000 and len(data["rows"]) == 4
 
 
 def test_module_runs_as_a_script() -> None:

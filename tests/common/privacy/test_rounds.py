@@ -18,6 +18,7 @@ from common.privacy.rounds import (
     charge_round,
     client_round_step,
     example_round_step,
+    ledger_header,
     privacy_summary,
     resume_accountant,
 )
@@ -98,3 +99,31 @@ def test_example_rounds_take_the_larger_of_plan_and_report() -> None:
     )
     bigger = example_round_step(plan, [(plan.sample_rate / 2, plan.steps_per_round + 5), (1.0, 1)])
     assert (bigger.sample_rate, bigger.steps) == (1.0, plan.steps_per_round + 5)
+
+
+@pytest.mark.parametrize(("seed", "noise"), [(None, "os-entropy"), (4, "seeded, not private")])
+def test_the_ledger_header_says_where_the_noise_comes_from(seed: int | None, noise: str) -> None:
+    cfg = RunConfig(
+        server=ServerConfig(sampling=Sampling.POISSON, sample_rate=0.1),
+        privacy=PrivacyConfig(mode=PrivacyMode.CLIENT, noise_multiplier=1.0, noise_seed=seed),
+    )
+    plan = plan_privacy(cfg, 100)
+    assert plan is not None
+
+    header = ledger_header(run_id="r", cfg=cfg, plan=plan)
+
+    assert header["noise"] == noise and header["noise_seed"] == seed
+
+
+@pytest.mark.parametrize(
+    ("privacy", "needle"),
+    [
+        ({"mode": PrivacyMode.CLIENT, "noise_multiplier": 1.0, "noise_seed": -1}, ">= 0"),
+        ({"mode": PrivacyMode.EXAMPLE, "noise_multiplier": 1.0, "noise_seed": 1}, "'client'"),
+    ],
+)
+def test_a_noise_seed_must_be_non_negative_and_for_client_mode(
+    privacy: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(ValueError, match=needle):
+        PrivacyConfig(**privacy)  # type: ignore[arg-type]

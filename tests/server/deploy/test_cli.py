@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
@@ -36,6 +39,12 @@ def test_deploy_local_needs_two_clients() -> None:
     assert _fedrec(["deploy", "local", "--clients", "1"]) == 2
 
 
+def test_deploy_local_refuses_a_noise_seed_before_starting_anything(tmp_path: Path) -> None:
+    sets = ["--set", "privacy.mode=off", "--set", "privacy.noise_seed=1"]
+    assert _fedrec(["deploy", "local", "--out", str(tmp_path / "w"), *sets]) == 2
+    assert not (tmp_path / "w").exists()
+
+
 def test_register_refuses_an_address_without_a_port(tmp_path: Path) -> None:
     argv = ["deploy", "register", str(tmp_path / "k.pub"), "--superlink", "fl.example.org"]
     assert _fedrec([*argv, "--ca", str(tmp_path / "ca.crt")]) == 2
@@ -52,3 +61,36 @@ def test_deploy_local_defaults_to_the_shipped_config() -> None:
     assert DEFAULT_LOCAL_CONFIG.parent.parent.name == "deploy"
     assert cfg.data.partition.value == "silos"
     assert cfg.privacy.mode.value == "example"
+
+
+def test_deploy_run_that_does_not_complete_is_an_error_not_a_failed_audit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a SuperLink whose run ends "failed"
+    (tmp_path / "config.toml").write_text("rounds = 1\n")
+
+    class Operator:
+        def __init__(self, home: Path, *, address: str, ca_cert: Path) -> None:
+            pass
+
+        def run_app(self, app: Path, run_config: dict[str, str], *, timeout: float) -> Any:
+            log = tmp_path / "serverapp.log"
+            return SimpleNamespace(
+                run_id=7, status="failed", seconds=1.0, log_path=log, completed=False
+            )
+
+    monkeypatch.setattr("server.deploy.operator.Operator", Operator)
+    argv = ["deploy", "run", "--superlink", "127.0.0.1:9093", "--ca", str(tmp_path / "ca.crt")]
+
+    # Execute
+    code = _fedrec([*argv, "--run-dir", str(tmp_path)])
+
+    # Assert: exit code 1 is kept for "verification failed"
+    assert code == 2
+    assert capsys.readouterr().err.startswith("fedrec: error: run 7 did not complete (failed)")
+
+
+def test_deploy_local_checks_rounds_as_an_argument() -> None:
+    with pytest.raises(SystemExit) as info:
+        _fedrec(["deploy", "local", "--rounds", "0"])
+    assert info.value.code == 2

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from common.data import synthesize
+from common.errors import ConfigError
 from common.run.config import load_run_config
 from common.run.folder import client_sizes, load_client_shard, n_clients_of
 from server.deploy.provision import prepare_deployment
@@ -37,3 +39,14 @@ def test_prepare_exports_device_histories_and_keeps_only_sizes(tmp_path: Path) -
     with np.load(done.run_dir / "data" / "clients.npz") as z:
         assert z["train_indices"].size == 0
     assert (done.run_dir / "config.toml").is_file()
+
+
+def test_prepare_refuses_a_config_with_a_noise_seed(tmp_path: Path) -> None:
+    data = synthesize(60, 30, seed=1, out_dir=tmp_path / "synth")
+    sets = [f"data.dataset={data}", "privacy.mode=client", "privacy.noise_multiplier=1.0"]
+    cfg = load_run_config(None, [*sets, "privacy.noise_seed=3", "data.n_heldout_users=6"])
+
+    with pytest.raises(ConfigError, match=r"noise_seed = 3 .* a deployment refuses it"):
+        prepare_deployment(cfg, tmp_path / "run", export_dir=tmp_path / "devices")
+
+    assert not (tmp_path / "run").exists() and not (tmp_path / "devices").exists()
