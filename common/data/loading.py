@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -9,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from common.data.cleaning import clean
-from common.data.fetch import fetch_ml100k
-from common.data.readers import Source, detect_source, read_source
+from common.data.fetch import EMBEDDED_DATASETS, fetch_dataset
+from common.data.readers import detect_source, read_source
 from common.data.types import Dataset, SideInfo
 from common.io import sha256_file
 
@@ -18,8 +20,8 @@ __all__ = ["EMBEDDED", "load_dataset"]
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED = ("ml-100k",)
-"""Dataset names that are fetched rather than read from a path."""
+EMBEDDED: tuple[str, ...] = tuple(EMBEDDED_DATASETS)
+"""Dataset names that are fetched rather than read from a path: ml-100k, ml-1m, pinterest-20."""
 
 
 def load_dataset(
@@ -34,14 +36,16 @@ def load_dataset(
     Parameters
     ----------
     spec:
-        ``"ml-100k"`` (fetched into the cache, see :func:`~common.data.fetch.fetch_ml100k`), or
-        a path to a file or folder in any supported format (see :mod:`common.data.readers`),
-        detected from the file names.
+        A name of :data:`EMBEDDED` (``"ml-100k"``, ``"ml-1m"``, ``"pinterest-20"``: fetched
+        into the cache, see :func:`~common.data.fetch.fetch_dataset`), or a path to a file or
+        folder in any supported format (see :mod:`common.data.readers`), detected from the file
+        names.
     cache_dir:
         Cache root for fetched datasets; default ``$FEDREC_DATA`` or ``~/.cache/fedrec``.
     min_rating:
-        Ratings ``>= min_rating`` are positives (default 4.0, on a 1-5 scale). Files without a
-        rating column treat every row as a positive and record ``min_rating=None``.
+        Ratings ``>= min_rating`` are positives (default 4.0, on a 1-5 scale). Implicit data
+        (files without a rating column, and NCF ``.rating`` files such as ``pinterest-20``,
+        whose reader marks every row a positive) ignores it and records ``min_rating=None``.
     min_user_positives:
         Users with fewer positives are dropped (default 5).
 
@@ -58,19 +62,19 @@ def load_dataset(
     """
     start = time.perf_counter()
     if isinstance(spec, str) and spec in EMBEDDED:
-        folder = fetch_ml100k(cache_dir)
-        source = detect_source(folder / "ml-100k.inter")
-        source = Source(source.format, source.interactions, spec)
+        source = dataclasses.replace(detect_source(fetch_dataset(spec, cache_dir)), name=spec)
     else:
         source = detect_source(Path(spec).expanduser())
     raw, side = read_source(source)
     implicit = raw.ratings is None
+    if implicit:
+        logger.info("%s: implicit feedback, every row is a positive (no min_rating)", source.name)
     cleaned = clean(
         raw, min_rating=None if implicit else min_rating, min_user_positives=min_user_positives
     )
     dataset = Dataset(
         name=source.name,
-        sha256=sha256_file(source.interactions),
+        sha256=_sha256(source.files),
         source=source.interactions,
         user_ids=cleaned.user_ids,
         item_ids=cleaned.item_ids,
@@ -92,6 +96,18 @@ def load_dataset(
         time.perf_counter() - start,
     )
     return dataset
+
+
+def _sha256(paths: tuple[Path, ...]) -> str:
+    """SHA-256 of one file, or of several files' bytes concatenated in order."""
+    if len(paths) == 1:
+        return sha256_file(paths[0])
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _user_features(side: SideInfo, user_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -9,8 +9,18 @@ RecBole atomic files      ``<name>.inter`` (typed tab header)   ``<name>.user``,
 GroupLens ml-100k         ``u.data`` (tab, no header)           ``u.user``, ``u.item``, ``u.genre``
 GroupLens ml-1m           ``ratings.dat`` (``::``)              ``users.dat``, ``movies.dat``
 GroupLens ml-20m/latest   ``ratings.csv`` (``userId,movieId``)  ``movies.csv``
+NCF (He et al. 2017)      ``<name>.train.rating`` and           none
+                          ``<name>.test.rating`` (tab, no
+                          header)
 plain CSV                 ``user,item[,rating][,timestamp]``    ``users.csv``, ``items.csv``
 ========================  ====================================  ===========================
+
+NCF files (``user item [rating [timestamp]]``, as in NCF's ``pinterest-20``) are implicit
+feedback: NCF treats every row as an observed interaction, and Pinterest's rating column is
+all ``1``. The reader therefore marks them implicit (no rating column, see
+:class:`~common.data.types.RawInteractions`): every row is a positive and ``min_rating`` does not
+apply. ``<name>.train.rating`` and ``<name>.test.rating`` are read together as one set of
+interactions (NCF's split is not fedrec's protocol; fedrec splits the users itself).
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ _ITEM_NAMES = ("item", "item_id", "itemid", "iid", "movie", "movie_id", "movieid
 _RATING_NAMES = ("rating", "ratings", "score", "value", "label")
 _TIME_NAMES = ("timestamp", "time", "ts", "date", "datetime")
 _PLAIN_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+_NCF_TRAIN = ".train.rating"
+_NCF_TEST = ".test.rating"
 
 
 class Format(enum.Enum):
@@ -52,6 +64,7 @@ class Format(enum.Enum):
     GROUPLENS_100K = "ml-100k"
     GROUPLENS_1M = "ml-1m"
     MOVIELENS_CSV = "ml-20m"
+    NCF = "ncf"
     PLAIN_CSV = "csv"
 
 
@@ -64,6 +77,13 @@ class Source:
     """The interaction file."""
     name: str
     """Dataset name: the folder's name for fixed file names, else the file's stem."""
+    more: tuple[Path, ...] = ()
+    """Further interaction files, read after ``interactions`` (NCF's test file)."""
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """All interaction files, in reading order."""
+        return (self.interactions, *self.more)
 
 
 def detect_source(path: Path) -> Source:
@@ -86,12 +106,15 @@ def detect_source(path: Path) -> Source:
         return Source(Format.GROUPLENS_100K, path, path.resolve().parent.name)
     if name == "ratings.dat":
         return Source(Format.GROUPLENS_1M, path, path.resolve().parent.name)
+    if suffix == ".rating":
+        return _ncf_source(path)
     if suffix in _PLAIN_SUFFIXES:
         if name == "ratings.csv" and _is_movielens_header(path):
             return Source(Format.MOVIELENS_CSV, path, path.resolve().parent.name)
         return Source(Format.PLAIN_CSV, path, path.stem)
     raise DataError(
-        "unsupported file type; expected .inter, u.data, ratings.dat, ratings.csv or a .csv/.tsv",
+        "unsupported file type; expected .inter, u.data, ratings.dat, ratings.csv, .rating or "
+        "a .csv/.tsv",
         path=path,
     )
 
@@ -110,15 +133,33 @@ def _detect_folder(folder: Path) -> Source:
         if (folder / fixed).is_file():
             source = detect_source(folder / fixed)
             return Source(source.format, source.interactions, folder.name)
+    ncf = sorted(folder.glob(f"*{_NCF_TRAIN}"))
+    if len(ncf) > 1:
+        named = folder / f"{folder.name}{_NCF_TRAIN}"
+        if not named.exists():
+            listed = ", ".join(p.name for p in ncf)
+            raise DataError(f"several {_NCF_TRAIN} files ({listed}); name one", path=folder)
+        ncf = [named]
+    if ncf:
+        return _ncf_source(ncf[0])
     tables = sorted(p for p in folder.iterdir() if p.suffix.lower() in _PLAIN_SUFFIXES)
     tables = [p for p in tables if p.name not in ("users.csv", "items.csv")]
     if len(tables) == 1:
         return Source(Format.PLAIN_CSV, tables[0], folder.name)
     raise DataError(
         "no interaction file found (looked for *.inter, u.data, ratings.dat, ratings.csv, "
-        "interactions.csv or a single .csv)",
+        "interactions.csv, *.train.rating or a single .csv)",
         path=folder,
     )
+
+
+def _ncf_source(path: Path) -> Source:
+    """``<name>.train.rating`` (with its ``<name>.test.rating`` if present) or one file."""
+    if path.name.endswith(_NCF_TRAIN):
+        name = path.name[: -len(_NCF_TRAIN)]
+        test = path.with_name(name + _NCF_TEST)
+        return Source(Format.NCF, path, name, (test,) if test.is_file() else ())
+    return Source(Format.NCF, path, path.name.removesuffix(_NCF_TEST).removesuffix(".rating"))
 
 
 def _is_movielens_header(path: Path) -> bool:
@@ -135,9 +176,27 @@ def read_source(source: Source) -> tuple[RawInteractions, SideInfo]:
         Format.MOVIELENS_CSV: _read_movielens_csv,
         Format.PLAIN_CSV: _read_plain,
     }
-    raw, side = readers[source.format](source.interactions)
+    if source.format is Format.NCF:
+        raw, side = _concat_raw([_read_ncf(path) for path in source.files]), SideInfo()
+    else:
+        raw, side = readers[source.format](source.interactions)
     logger.info("read %d rows from %s (%s)", raw.n_rows, source.interactions, source.format.value)
     return raw, side
+
+
+def _concat_raw(parts: list[RawInteractions]) -> RawInteractions:
+    """Rows of several files of one format, in order (the first file names the whole)."""
+    if len(parts) == 1:
+        return parts[0]
+    ratings = [p.ratings for p in parts if p.ratings is not None]
+    times = [p.timestamps for p in parts if p.timestamps is not None]
+    return RawInteractions(
+        path=parts[0].path,
+        users=concat_ids([p.users for p in parts]),
+        items=concat_ids([p.items for p in parts]),
+        ratings=_concat(ratings) if len(ratings) == len(parts) else None,
+        timestamps=_concat(times) if len(times) == len(parts) else None,
+    )
 
 
 def read_rows(
@@ -239,6 +298,37 @@ def _read_grouplens_100k(path: Path) -> tuple[RawInteractions, SideInfo]:
 def _read_grouplens_1m(path: Path) -> tuple[RawInteractions, SideInfo]:
     raw = read_rows(path, sep="::", n_fields=4, user_col=0, item_col=1, rating_col=2, time_col=3)
     return raw, sideinfo.read_grouplens_1m(path.parent / "users.dat", path.parent / "movies.dat")
+
+
+def _read_ncf(path: Path) -> RawInteractions:
+    """An NCF ``.rating`` file: every row is a positive, so the result has no ratings."""
+    n_fields = len(read_first_line(path).split("\t"))
+    if n_fields < 2:
+        raise DataError(
+            "expected 2 to 4 tab-separated fields (user item [rating [timestamp]]), found 1",
+            path=path,
+            line=1,
+        )
+    raw = read_rows(
+        path,
+        sep="\t",
+        n_fields=n_fields,
+        user_col=0,
+        item_col=1,
+        rating_col=2 if n_fields > 2 else None,
+        time_col=3 if n_fields > 3 else None,
+    )
+    if raw.ratings is not None:
+        other = int(np.count_nonzero(raw.ratings != 1.0))
+        if other:
+            logger.warning(
+                "%s: %d rows have a rating other than 1; NCF rows are all positives, so the "
+                "ratings are ignored (convert the file to CSV to binarize by rating)",
+                path,
+                other,
+            )
+        raw.ratings = None
+    return raw
 
 
 def _read_movielens_csv(path: Path) -> tuple[RawInteractions, SideInfo]:

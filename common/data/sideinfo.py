@@ -63,7 +63,7 @@ def _table(
 
 
 def read_recbole(user_path: Path, item_path: Path) -> SideInfo:
-    """RecBole ``.user`` (``user_id:token`` + attributes) and ``.item`` (title, ``class``)."""
+    """RecBole ``.user`` (``user_id:token`` + attributes), ``.item`` (title, class or genre)."""
     side = SideInfo()
     if user_path.is_file():
         fields = read_first_line(user_path).split("\t")

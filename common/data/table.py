@@ -278,4 +278,4 @@ def concat_ids(parts: list[np.ndarray]) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if all(p.dtype == np.int64 for p in parts):
         return np.concatenate(parts)
-    return np.concatenate([p.astype(str) for p in parts])
+    return np.concatenate([p if p.dtype.kind == "U" else p.astype(str) for p in parts])

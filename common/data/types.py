@@ -55,11 +55,13 @@ class Dataset:
     """
 
     name: str
-    """``"ml-100k"`` for the embedded default, else the file's or folder's stem."""
+    """The embedded data set's name (``"ml-100k"``, ``"ml-1m"``, ``"pinterest-20"``), else the
+    file's or folder's stem."""
     sha256: str
-    """SHA-256 of the interaction file's bytes (hex)."""
+    """SHA-256 of the interaction file's bytes (hex); for a source of several interaction files
+    (NCF's train and test) of their bytes concatenated in reading order."""
     source: Path
-    """The interaction file."""
+    """The (first) interaction file."""
     user_ids: np.ndarray
     """``(U,)`` str: original user ids; index = matrix row."""
     item_ids: np.ndarray

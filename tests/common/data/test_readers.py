@@ -218,3 +218,36 @@ def test_unknown_paths(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no interaction file found"):
         load_dataset(tmp_path / "empty")
+
+
+def test_ncf_rating_files_are_implicit_and_read_train_then_test(tmp_path: Path) -> None:
+    # Prepare: NCF layout, CRLF, a duplicate across the two files
+    train = "".join(f"{u}\t{i}\t1\t0\r\n" for u in (0, 1) for i in range(5))
+    write(tmp_path / "pins", "pins.train.rating", train)
+    write(tmp_path / "pins", "pins.test.rating", "0\t5\t1\t0\r\n1\t4\t1\t0\r\n")
+    write(tmp_path / "pins", "pins.test.negative", "(0,5)\t9\t8\r\n")
+
+    # Execute
+    ds = load_dataset(tmp_path / "pins", min_rating=4.0)
+    one = load_dataset(tmp_path / "pins" / "pins.test.rating", min_user_positives=1)
+
+    # Assert
+    assert ds.name == "pins" and ds.min_rating is None
+    assert ds.report.rows_read == 12 and ds.report.duplicates_collapsed == 1
+    assert dense(ds).sum(axis=1).tolist() == [6, 5]
+    assert one.name == "pins" and one.report.rows_read == 2
+
+
+def test_ncf_ratings_other_than_one_are_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, "ml.train.rating", rows(2, 5, rating=2, sep="\t"))
+    with caplog.at_level("WARNING"):
+        ds = load_dataset(path)
+    assert ds.matrix.nnz == 10 and ds.min_rating is None
+    assert "10 rows have a rating other than 1" in caplog.text
+    pairs = write(tmp_path, "pairs.rating", "1\t2\n1\t3\n1\t4\n1\t5\n1\t6\n")
+    assert load_dataset(pairs).matrix.nnz == 5
+    bad = write(tmp_path, "bad.rating", "1 2 1 0\n")
+    with pytest.raises(DataError, match="expected 2 to 4 tab-separated fields"):
+        load_dataset(bad)
