@@ -19,13 +19,38 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.dp_mod import make_client_dp_mod, refusal
 from client.he_mod import client_keys, decrypt_for_committee, make_client_he_mod
-from client.local import LocalData, LocalUpdate, compute_update, local_metrics, split_local
-from client.store import device_client_id, device_mod, device_run_config, is_device, local_data_for
+from client.local import (
+    LocalData,
+    LocalUpdate,
+    compute_update,
+    diverged_update,
+    local_metrics,
+    nonfinite_reason,
+    split_local,
+)
+from client.store import (
+    announced_mechanism,
+    device_client_id,
+    device_mod,
+    device_run_config,
+    is_device,
+    local_data_for,
+    record_cosignature,
+)
+from common.privacy.signing import (
+    COSIGNATURE_RECORD,
+    DEVICE_KEY_FILE,
+    Cosignature,
+    load_signing_key,
+    read_device_seed,
+    simulated_device_key,
+)
 from common.protocol import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -33,6 +58,7 @@ from common.protocol import (
     METRICS_RECORD,
     SERIALIZE_SECONDS,
     TRAIN_SECONDS,
+    Divergence,
     EvalMetrics,
     ExampleDPConfig,
     RoundConfig,
@@ -123,6 +149,8 @@ def train(msg: Message, context: Context) -> Message:
         update = compute_update(
             global_state, data, model_config=model_cfg, client=cfg.client, beta=beta, seed=seed
         )
+    if update.diverged is not None:  # nothing to send: the reason, counted as a failure
+        return Message(Divergence(update.diverged).to_content(), reply_to=msg)
     t2 = time.perf_counter()
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in update.delta.items()})
     t3 = time.perf_counter()
@@ -177,16 +205,28 @@ def _dpsgd_train(
         epsilon = compute_epsilon([planned], delta=delta, accountant=AccountantKind.RDP)
         if epsilon > budget:
             return refusal(f"epsilon {epsilon:.3g} would exceed budget {budget:.3g}", epsilon)
-    result = dpsgd_update(
-        global_state,
-        data.train,
-        model_config=cfg.model.to_model_config(_n_items(global_state)),
-        cfg=dp_cfg,
-        beta=beta,
-        seed=None,  # sampling and noise from OS entropy: the server knows the run's seed
-    )
+    start = time.perf_counter()
+    try:
+        result = dpsgd_update(
+            global_state,
+            data.train,
+            model_config=cfg.model.to_model_config(_n_items(global_state)),
+            cfg=dp_cfg,
+            beta=beta,
+            seed=None,  # sampling and noise from OS entropy: the server knows the run's seed
+        )
+    except FloatingPointError as err:  # loss is nan at DP-SGD step 3: nothing sent
+        # the steps it took touched the users' rows: the silo's guard counts a whole round
+        state["steps"] = steps_so_far + dp_cfg.epochs * -(-data.n_users // dp_cfg.batch_size)
+        context.state.config_records[_DPSGD_STATE] = state
+        seconds = time.perf_counter() - start
+        return diverged_update(str(err), num_examples=data.n_users, train_seconds=seconds), 0, 0.0
     state["steps"] = steps_so_far + result.steps
     context.state.config_records[_DPSGD_STATE] = state
+    why = nonfinite_reason(result.delta)
+    if why is not None:
+        seconds = result.train_seconds
+        return diverged_update(why, num_examples=data.n_users, train_seconds=seconds), 0, 0.0
     weight = float(data.n_users)
     update = LocalUpdate(
         delta={k: weight * v for k, v in result.delta.items()},
@@ -198,15 +238,40 @@ def _dpsgd_train(
     return update, result.steps, result.sample_rate
 
 
+def _signing_key(context: Context) -> Ed25519PrivateKey | None:
+    """This client's co-signing key: ``device-signing.key`` in a device's key folder, else the
+    simulated client's key derived from the run's device seed; ``None`` when there is none."""
+    if "keys" in context.node_config:
+        path = Path(str(context.node_config["keys"])) / DEVICE_KEY_FILE
+        return load_signing_key(path) if path.exists() else None
+    if "partition-id" not in context.node_config:
+        return None
+    seed = read_device_seed(Path(str(context.run_config["run-dir"])))
+    if seed is None:
+        return None
+    return simulated_device_key(seed, int(context.node_config["partition-id"]))
+
+
 @app.query("decrypt")
 def decrypt(msg: Message, context: Context) -> Message:
-    """A committee member's turn: decrypt, flood and round the server's encrypted sum."""
+    """A committee member's turn: decrypt, flood and round the server's encrypted sum, and
+    co-sign the round when asked (a device keeps its co-signature in its own ledger)."""
     tamper = 0.0
     if "partition-id" in context.node_config:  # fault injection exists in simulations only
         cfg = _run_config(str(context.run_config["run-dir"]))
         if int(context.node_config["partition-id"]) in cfg.simulation.lying_clients:
             tamper = 1.0 + int(context.node_config["partition-id"])  # members differ
-    content = decrypt_for_committee(msg, client_keys(str(_keys_dir(context))), tamper=tamper)
+    server_round = RoundConfig.read(msg.content.config_records[CONFIG_RECORD]).server_round
+    content = decrypt_for_committee(
+        msg,
+        client_keys(str(_keys_dir(context))),
+        tamper=tamper,
+        signing_key=_signing_key(context),
+        announced=announced_mechanism(context, msg, server_round),
+    )
+    cosignature = Cosignature.from_wire(content.config_records.get(COSIGNATURE_RECORD))
+    if cosignature is not None:
+        record_cosignature(context, msg, server_round, cosignature.to_record())
     return Message(content, reply_to=msg)
 
 

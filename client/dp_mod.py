@@ -138,8 +138,8 @@ def make_client_dp_mod(
                 return Message(refusal(reason, epsilon), reply_to=msg)
 
         reply = call_next(msg, context)
-        if reply.has_error():
-            return reply
+        if reply.has_error() or ARRAYS_RECORD not in reply.content.array_records:
+            return reply  # an error, or no update to privatize (training diverged)
         metrics = reply.content.metric_records[METRICS_RECORD]
         weight = read_float(metrics, WEIGHT, record_name=METRICS_RECORD)
         arrays = privatize_update(

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -34,12 +36,20 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from common.he import (
     ClientKeys,
+    EncryptedSum,
     decrypt_sum,
     default_flood_std,
     encrypt_update,
     load_client_context,
     sum_from_record,
     to_record,
+)
+from common.privacy.signing import (
+    COSIGN_REQUEST_RECORD,
+    COSIGNATURE_RECORD,
+    Cosignature,
+    statement_from_request,
+    sum_digest,
 )
 from common.protocol import (
     ARRAYS_RECORD,
@@ -49,6 +59,7 @@ from common.protocol import (
     HE_RECORD,
     HE_SUM_RECORD,
     METRICS_RECORD,
+    RoundConfig,
     read_str,
 )
 
@@ -98,12 +109,25 @@ def make_client_he_mod(
     return client_he_mod
 
 
-def decrypt_for_committee(msg: Message, keys: ClientKeys, *, tamper: float = 0.0) -> RecordDict:
+def decrypt_for_committee(
+    msg: Message,
+    keys: ClientKeys,
+    *,
+    tamper: float = 0.0,
+    signing_key: Ed25519PrivateKey | None = None,
+    announced: Mapping[str, float] | None = None,
+) -> RecordDict:
     """Decrypt, flood and round the server's encrypted sum (a committee member's reply).
 
     The flood std is chosen here from the parameter set and the number of updates summed,
     not taken from the server, so the server cannot ask for an unflooded decryption.
     ``tamper`` (fault injection in simulations only) is added to every released value.
+
+    When the request asks for a co-signature and the member has a ``signing_key``, the reply
+    also carries the member's signed statement of the round, the sum's update count and
+    digest, and the announced mechanism (:mod:`common.privacy.signing`). ``announced``: the
+    mechanism the member itself recorded for the round (a device's ledger); the member does
+    not co-sign a request that states another one.
     """
     total = sum_from_record(msg.content.config_records[HE_SUM_RECORD])
     flood_std = default_flood_std(keys.params, n_updates=total.n_updates)
@@ -111,4 +135,43 @@ def decrypt_for_committee(msg: Message, keys: ClientKeys, *, tamper: float = 0.0
     if tamper:
         out = {k: v + np.asarray(tamper, dtype=v.dtype) for k, v in out.items()}
     arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()})
-    return RecordDict({ARRAYS_RECORD: arrays})
+    content = RecordDict({ARRAYS_RECORD: arrays})
+    request = msg.content.config_records.get(COSIGN_REQUEST_RECORD)
+    if signing_key is not None and request is not None:
+        cosignature = _cosign(msg, request, total, signing_key, announced)
+        if cosignature is not None:
+            content[COSIGNATURE_RECORD] = ConfigRecord(dict(cosignature.to_wire()))
+    return content
+
+
+def _cosign(
+    msg: Message,
+    request: ConfigRecord,
+    total: EncryptedSum,
+    signing_key: Ed25519PrivateKey,
+    announced: Mapping[str, float] | None,
+) -> Cosignature | None:
+    """The member's co-signature of the round it decrypted, or ``None`` (logged) if the request
+    is malformed or states another mechanism than the member recorded."""
+    server_round = RoundConfig.read(msg.content.config_records[CONFIG_RECORD]).server_round
+    statement = statement_from_request(
+        request,
+        server_round=server_round,
+        contributors=total.n_updates,
+        sum_sha256=sum_digest(total.header.fingerprint, total.n_updates, total.chunks),
+    )
+    if statement is None:
+        logger.warning("round %d: malformed co-signing request; not co-signed", server_round)
+        return None
+    for name, value in (announced or {}).items():
+        if not math.isclose(float(statement[name]), float(value), rel_tol=1e-9):
+            logger.warning(
+                "round %d: the server asks to co-sign %s %s, this device was told %s; not "
+                "co-signed",
+                server_round,
+                name,
+                statement[name],
+                value,
+            )
+            return None
+    return Cosignature.make(signing_key, statement)

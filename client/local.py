@@ -2,11 +2,18 @@
 
 A client never trains on its local held-out items: they are kept apart (deterministically, so
 every round sees the same split) to score the global model on the device itself.
+
+Training that goes non-finite (a NaN or infinite loss, or update) sends nothing: the update comes
+back marked :attr:`LocalUpdate.diverged` with the reason, which the ClientApp replies with
+(:class:`common.protocol.Divergence`) and the server counts as a failed client.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +27,18 @@ from common.protocol import EVAL_USERS
 from common.run.config import ClientConfig
 from common.training import score_users, train_epochs
 
-__all__ = ["LocalData", "LocalUpdate", "PlainSGD", "compute_update", "local_metrics", "split_local"]
+__all__ = [
+    "LocalData",
+    "LocalUpdate",
+    "PlainSGD",
+    "compute_update",
+    "diverged_update",
+    "local_metrics",
+    "nonfinite_reason",
+    "split_local",
+]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,12 +82,39 @@ class LocalUpdate:
     """A client's weighted model update and what producing it cost."""
 
     delta: dict[str, np.ndarray]
-    """``weight * (local - global)`` per parameter."""
+    """``weight * (local - global)`` per parameter; empty when :attr:`diverged`."""
     weight: float
-    """The weight already applied (the client's example count)."""
+    """The weight already applied (the client's example count); 0 when :attr:`diverged`."""
     num_examples: int
     mean_loss: float
     train_seconds: float
+    diverged: str | None = None
+    """Why training went non-finite (``loss is inf at update 2``): then there is no update to
+    send, only this reason. ``None`` for a finite update."""
+
+
+def nonfinite_reason(delta: Mapping[str, np.ndarray]) -> str | None:
+    """``"update is not finite (nan in decoder.0.weight)"`` for the first tensor of ``delta`` with a
+    NaN or infinite value, else ``None``."""
+    for name, value in delta.items():
+        arr = np.asarray(value)
+        if not np.isfinite(arr).all():
+            kind = "nan" if np.isnan(arr).any() else "inf"
+            return f"update is not finite ({kind} in {name})"
+    return None
+
+
+def diverged_update(reason: str, *, num_examples: int, train_seconds: float) -> LocalUpdate:
+    """The :class:`LocalUpdate` of a client whose training went non-finite: no delta, weight 0."""
+    logger.warning("local training diverged: %s; no update sent", reason)
+    return LocalUpdate(
+        delta={},
+        weight=0.0,
+        num_examples=num_examples,
+        mean_loss=math.nan,
+        train_seconds=train_seconds,
+        diverged=reason,
+    )
 
 
 _MODELS: dict[str, nn.Module] = {}
@@ -125,7 +170,10 @@ def compute_update(
     """Train the global model on the client's rows for ``client.local_epochs`` epochs.
 
     Returns the example-weighted delta ``n * (local - global)``, so the server only adds
-    updates and divides by the summed weight (pre-weighting keeps aggregation additive).
+    updates and divides by the summed weight (pre-weighting keeps aggregation additive). Each
+    step's gradient is clipped to ``client.max_grad_norm`` when set. A non-finite loss or
+    update is not returned: the result is :func:`diverged_update` with the reason instead
+    (check :attr:`LocalUpdate.diverged`), never an exception.
     """
     model = model_for(model_config)
     model.load_state_dict(global_state)
@@ -136,15 +184,20 @@ def compute_update(
     else:
         optimizer = PlainSGD(params, lr=client.lr)
     start = time.perf_counter()
-    stats = train_epochs(
-        model,
-        data.train,
-        epochs=client.local_epochs,
-        batch_size=client.batch_size,
-        optimizer=optimizer,
-        beta_schedule=lambda _step: beta,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    try:
+        stats = train_epochs(
+            model,
+            data.train,
+            epochs=client.local_epochs,
+            batch_size=client.batch_size,
+            optimizer=optimizer,
+            beta_schedule=lambda _step: beta,
+            generator=torch.Generator().manual_seed(seed),
+            max_grad_norm=client.max_grad_norm,
+        )
+    except FloatingPointError as err:  # loss is inf at update 2
+        seconds = time.perf_counter() - start
+        return diverged_update(str(err), num_examples=data.n_users, train_seconds=seconds)
     seconds = time.perf_counter() - start
     weight = float(data.n_users)
     new_state = model.state_dict()
@@ -152,6 +205,9 @@ def compute_update(
         k: (weight * (new_state[k] - global_state[k])).numpy().astype(np.float32)
         for k in global_state
     }
+    why = nonfinite_reason(delta)  # every loss was finite, yet the last step can overflow
+    if why is not None:
+        return diverged_update(why, num_examples=data.n_users, train_seconds=seconds)
     return LocalUpdate(
         delta=delta,
         weight=weight,

@@ -10,8 +10,11 @@ skips items the catalogue lacks.
 Next to the history the device keeps, written atomically:
 
 - ``HISTORY.csv.fedrec-ledger.json``: one line per round it took part in (run, round, the DP
-  mechanism the server announced: mode, z, q, delta, C, and its epsilon when it guards a
-  budget). The server's ledger counts participants; this is the device's own record.
+  mechanism the server announced: mode, z, q, delta, C, m, and its epsilon when it guards a
+  budget), with the ``cosignature`` it returned when it sat on the round's decryption
+  committee (:func:`record_cosignature`). The server's ledger counts participants; this is the
+  device's own record, which ``fedrec audit verify RUN --device-ledger FILE`` checks the
+  server's ledger against (:mod:`common.privacy.device`).
 - ``HISTORY.csv.fedrec-model.pt``: the last global model it received (a ``model.pt``
   checkpoint), so ``fedrec recommend --model HISTORY.csv.fedrec-model.pt`` works offline.
 
@@ -42,6 +45,8 @@ from common.protocol import (
     CONFIG_RECORD,
     DP_CLIP,
     DP_DELTA,
+    DP_DENOMINATOR,
+    DP_NOISE_MULTIPLIER,
     DP_SAMPLE_RATE,
     DPSGD_CLIP,
     DPSGD_DELTA,
@@ -63,6 +68,7 @@ from common.run.info import ITEM_IDS_KEY, RUN_CONFIG_KEY, RunInfo, read_run_info
 __all__ = [
     "DATA_KEY",
     "DeviceFiles",
+    "announced_mechanism",
     "device_client_id",
     "device_mod",
     "device_run_config",
@@ -70,6 +76,7 @@ __all__ = [
     "local_data_for",
     "read_history",
     "read_ledger",
+    "record_cosignature",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,9 +199,16 @@ def _mechanism(config: ConfigRecord, reply: Message) -> dict[str, Any]:
     # only the keys the ledger records: the DP mod or the DP-SGD path has checked the rest
     name = CONFIG_RECORD
     if DP_CLIP in config:  # client-level DP-FedAvg
+        announced = {  # what the server's ledger states too: z as configured, m = qN
+            "announced_noise_multiplier": read_optional_float(
+                config, DP_NOISE_MULTIPLIER, record_name=name
+            ),
+            "expected_participants": read_optional_float(config, DP_DENOMINATOR, record_name=name),
+        }
         return {
             "mode": "client",
             "noise_multiplier": read_accounting_noise_multiplier(config),
+            **{key: value for key, value in announced.items() if value is not None},
             "sample_rate": read_float(config, DP_SAMPLE_RATE, record_name=name),
             "steps": 1,
             "delta": read_float(config, DP_DELTA, record_name=name),
@@ -235,11 +249,66 @@ def _record_participation(
     dp_state = context.state.config_records.get("fedrec-dp")  # client.dp_mod's own count
     if dp_state is not None and "epsilon" in dp_state:
         entry["epsilon"] = read_float(dp_state, "epsilon", record_name="fedrec-dp")
-    entries = [*read_ledger(files.ledger), entry]
+    _write_ledger(files, [*read_ledger(files.ledger), entry])
+
+
+def _write_ledger(files: DeviceFiles, entries: list[dict[str, Any]]) -> None:
     atomic_write_json(
         files.ledger,
         {"format": _LEDGER_FORMAT, "history": files.history.name, "participations": entries},
     )
+
+
+def _entry_of(entries: list[dict[str, Any]], msg: Message, server_round: int) -> int | None:
+    """Index of this Flower run's entry for ``server_round`` (the last one), if any."""
+    run_id = int(msg.metadata.run_id)
+    for i in range(len(entries) - 1, -1, -1):
+        entry = entries[i]
+        if entry.get("flwr_run_id") == run_id and entry.get("round") == server_round:
+            return i
+    return None
+
+
+def announced_mechanism(context: Context, msg: Message, server_round: int) -> dict[str, float]:
+    """What the server announced to this device for ``server_round`` (its ledger entry): the
+    fields a committee member compares a co-signing request with. Empty for a simulated client
+    or a round the device has no record of."""
+    if not is_device(context):
+        return {}
+    entries = read_ledger(_files(context).ledger)
+    index = _entry_of(entries, msg, server_round)
+    if index is None:
+        return {}
+    entry = entries[index]
+    names = {
+        "noise_multiplier": "announced_noise_multiplier",
+        "clip": "clip",
+        "sample_rate": "sample_rate",
+        "expected_participants": "expected_participants",
+        "delta": "delta",
+    }
+    return {
+        field: float(entry[key])
+        for field, key in names.items()
+        if isinstance(entry.get(key), int | float)
+    }
+
+
+def record_cosignature(
+    context: Context, msg: Message, server_round: int, cosignature: dict[str, Any]
+) -> None:
+    """Keep this device's co-signature of ``server_round`` (a ledger record of
+    :class:`common.privacy.signing.Cosignature`) in its entry for that round."""
+    if not is_device(context):
+        return
+    files = _files(context)
+    entries = read_ledger(files.ledger)
+    index = _entry_of(entries, msg, server_round)
+    if index is None:
+        logger.warning("round %d: co-signed, but this device has no record of it", server_round)
+        return
+    entries[index] = {**entries[index], "cosignature": cosignature}
+    _write_ledger(files, entries)
 
 
 def _save_global_model(

@@ -325,7 +325,9 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     from common.data import dataset_stats, load_dataset
 
     with console.status(f"reading {args.dataset}"):
-        ds = load_dataset(args.dataset, cache_dir=args.cache_dir, min_rating=args.min_rating)
+        ds = load_dataset(
+            args.dataset, cache_dir=args.cache_dir, min_rating=args.min_rating, strict=args.strict
+        )
     stats = dataset_stats(ds)
     if args.json:
         out.print_json(json.dumps(stats))
@@ -334,12 +336,35 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")  # long values wrap, never cut with an ellipsis
     for key, value in stats.items():
-        if key != "sha256":
+        if key not in ("sha256", "cleaning"):
             table.add_row(str(key), _stat(value))
     out.print(table)
+    out.print(_cleaning_table(stats["cleaning"]))
     # on a line of its own, so that no table width cuts it: it identifies the file
     out.print(f"sha256 {ds.sha256}", markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def _cleaning_table(cleaning: dict[str, Any]) -> Table:
+    """``data stats``' cleaning report: each reason found with its count and first lines."""
+    from common.data.types import BAD_ROW_REASONS
+
+    table = Table(title="cleaning", show_header=False)
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_row("rows read", str(cleaning["rows_read"]))
+    found = {r: b for r, b in cleaning["bad_rows"].items() if b["count"]}
+    if not found:
+        table.add_row("bad rows", "none")
+    for reason, bad in found.items():
+        table.add_row(
+            BAD_ROW_REASONS.get(reason, reason),
+            f"{bad['count']} dropped (first {', '.join(bad['first'])})",
+        )
+    for key in ("below_threshold_dropped", "users_dropped", "rows_of_dropped_users"):
+        table.add_row(key.replace("_", " "), str(cleaning[key]))
+    table.add_row("id types", _stat(cleaning["id_types"]))
+    return table
 
 
 def _stat(value: Any) -> str:
@@ -355,7 +380,9 @@ def _cmd_data_export_split(args: argparse.Namespace) -> int:
     from common.data import export_split, load_dataset, split_strong_generalization
 
     with console.status(f"reading {args.dataset}"):
-        ds = load_dataset(args.dataset, cache_dir=args.cache_dir, min_rating=args.min_rating)
+        ds = load_dataset(
+            args.dataset, cache_dir=args.cache_dir, min_rating=args.min_rating, strict=args.strict
+        )
         split = split_strong_generalization(ds, seed=args.seed)
         paths = export_split(split, ds, args.out)
     for path in paths:
@@ -383,7 +410,16 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     if not ledger.is_file():
         raise FedrecError(f"{ledger}: no ledger (was the run made with privacy on?)")
     with activity(f"verifying {ledger}") as step:
-        report = verify_ledger(ledger, budget=args.budget, on_progress=step)
+        report = verify_ledger(
+            ledger,
+            budget=args.budget,
+            on_progress=step,
+            partition=args.partition,
+            device_keys=args.device_keys,
+            device_ledger=args.device_ledger,
+            require_signed=args.require_signed,
+            server_key=args.server_key,
+        )
     if args.json:
         out.print_json(json.dumps(report.to_json()))
     else:
@@ -418,10 +454,17 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
 CACHE_DIR_HELP = "data cache (default: $FEDREC_DATA, else ~/.cache/fedrec)"
 """The help text of every command's ``--cache-dir``."""
 
+STRICT_HELP = (
+    "refuse the data file at its first bad row, naming its file and line (default: drop bad "
+    "rows and count them by reason in the cleaning report)"
+)
+"""The help text of every command's ``--strict``."""
+
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
     p.add_argument("--min-rating", type=float, default=4.0, help="ratings >= this are positives")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
 
 
 def add_data_commands(sub: Subparsers) -> None:
@@ -467,6 +510,33 @@ def add_audit_commands(sub: Subparsers) -> Subparsers:
     p.add_argument("run_dir", help="run folder or ledger.jsonl")
     p.add_argument("--budget", type=float, default=None, help="epsilon the run must not exceed")
     p.add_argument("--json", action="store_true", help="print the report as JSON (stdout)")
+    p.add_argument(
+        "--partition",
+        type=Path,
+        default=None,
+        help="the run's partition (RUN_DIR/data or its clients.npz): check the population",
+    )
+    p.add_argument(
+        "--device-ledger",
+        type=Path,
+        default=None,
+        help="a device's own record (HISTORY.csv.fedrec-ledger.json) to check against the ledger",
+    )
+    p.add_argument(
+        "--device-keys",
+        type=Path,
+        default=None,
+        help="registered device keys (default: RUN_DIR/signing/devices.json when present)",
+    )
+    p.add_argument(
+        "--require-signed", action="store_true", help="fail a ledger without server signatures"
+    )
+    p.add_argument(
+        "--server-key",
+        default=None,
+        metavar="HEX",
+        help="the server's ledger key as the operator gave it: the header's must be it",
+    )
     p.set_defaults(handler=_cmd_audit_verify)
     return asub
 

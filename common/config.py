@@ -30,6 +30,7 @@ __all__ = [
     "apply_overrides",
     "load_config",
     "load_toml",
+    "locate_error",
     "parse",
     "to_dict",
     "to_toml",
@@ -42,7 +43,7 @@ def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file; a syntax error becomes ``ConfigError("path:line: ...")``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 BOM (Windows editors) is dropped
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except UnicodeDecodeError:
@@ -136,6 +137,12 @@ def load_config(
         raise _located(err, path, given) from None
 
 
+def locate_error(err: ConfigError, path: Path | None, sets: Sequence[str] = ()) -> ConfigError:
+    """``err`` prefixed with the ``--set`` item or the file (and line) that gave its ``key``, as
+    :func:`load_config` does; for a value found wrong after loading (e.g. against the data)."""
+    return _located(err, path, {item: item for item in sets})
+
+
 def _alias(item: str, aliases: Mapping[str, str]) -> str:
     """``--set`` item ``item`` with an aliased key replaced by the field it stands for."""
     key, sep, value = item.partition("=")
@@ -178,7 +185,7 @@ def _key_line(path: Path, key: str) -> int | None:
     """The 1-based line of ``path`` that sets ``key`` (or its section), if a simple scan finds
     it; TOML parsers report lines only for syntax errors."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
     target = key.split("[", 1)[0]

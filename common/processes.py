@@ -8,32 +8,51 @@ every descendant found in ``/proc`` (Linux): SIGTERM first, SIGKILL after a grac
 
 Used by the loopback deployment (:mod:`server.deploy.deployment`) and by a device joining a
 federation (:mod:`client.join`).
+
+The other direction, a child that must not outlive its parent (``fedrec simulate``'s worker,
+:mod:`simulations.worker`), is :func:`die_with_parent`: on Linux the kernel sends the child
+SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and on every platform a watchdog
+thread polls the parent pid; either way the child then stops its whole process group
+(:func:`stop_own_group`), which holds everything it started.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = [
     "SUPEREXEC_POLL_SECONDS",
+    "boot_id",
+    "die_with_parent",
     "flower_bin",
     "flower_env",
     "free_port",
+    "group_alive",
     "interrupts_raise",
     "is_alive",
     "related_pids",
+    "set_parent_death_signal",
     "signal_quietly",
+    "start_time",
+    "stop_group",
+    "stop_own_group",
     "stop_tree",
     "wait_gone",
 ]
+
+logger = logging.getLogger(__name__)
 
 SUPEREXEC_POLL_SECONDS = 0.1
 """How often a SuperExec asks its SuperLink or SuperNode for a task to launch (a ServerApp
@@ -171,11 +190,177 @@ def stop_tree(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> list[int]
 
 @contextlib.contextmanager
 def interrupts_raise() -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt and SIGTERM SystemExit, so ``finally`` blocks run."""
+    """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP (a closed terminal) SystemExit with
+    exit code 128 + the signal number, so ``finally`` blocks run."""
+    exits = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    old_term = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    old = {sig: signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum)) for sig in exits}
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------- a child that dies with us
+
+PR_SET_PDEATHSIG = 1
+"""``prctl`` option (``<linux/prctl.h>``): the signal a process gets when its parent dies."""
+
+
+def set_parent_death_signal(sig: signal.Signals) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only).
+
+    The signal comes when the parent *thread* that started this process exits, so the parent
+    must start it from a thread that lives as long as the parent (its main thread). The setting
+    survives ``exec`` but is cleared in children, and it does not fire if the parent died
+    before the call: check ``os.getppid()`` after it.
+
+    Returns
+    -------
+    bool
+        Whether the kernel took the setting (``False`` on other platforms).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def boot_id() -> str | None:
+    """This host's boot id (Linux), which tells a pid of this boot from one of an earlier boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (Linux; ``None`` elsewhere or if gone).
+
+    With the pid it names one process of one boot: a later process that reuses the pid has
+    another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2 :].split()[19])  # field 22, starttime
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` still has a member that is not a zombie."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not Path("/proc").is_dir():
+        return True
+    return any(
+        pg == pgid and is_alive(pid) for pid, (_, pg) in _proc_table().items()
+    )  # a group of zombies only is gone
+
+
+def stop_group(pgid: int, *, grace: float = 5.0, kill_wait: float = 5.0) -> bool:
+    """SIGTERM process group ``pgid``, SIGKILL it after ``grace`` seconds, wait until it is gone.
+
+    Never signals the caller's own group. Returns whether the group is gone.
+    """
+    if pgid == os.getpgrp():
+        raise ValueError(f"refusing to stop this process's own group {pgid}")
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        signal_quietly(pgid, sig, group=True)
+        deadline = time.monotonic() + wait
+        while group_alive(pgid):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        else:
+            return True
+    return not group_alive(pgid)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The pids in process group ``pgid``: from ``/proc`` on Linux, else from ``ps`` (POSIX)."""
+    if Path("/proc").is_dir():
+        return [p for p, (_, pg) in _proc_table().items() if pg == pgid]
+    try:
+        out = subprocess.run(
+            ["ps", "-A", "-o", "pid=,pgid="], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = [line.split() for line in out.splitlines()]
+    return [int(r[0]) for r in rows if len(r) == 2 and r[1] == str(pgid)]
+
+
+def stop_own_group(*, grace: float = 3.0, code: int = 128 + signal.SIGTERM) -> NoReturn:
+    """Stop this process and the process group it leads (everything it started), then exit.
+
+    SIGTERM to each other member of the group, up to ``grace`` seconds for them to exit, then
+    SIGKILL to the whole group, this process included. A process that does not lead its group
+    (started by hand in a shell's group) exits alone: the group is not its own.
+    """
+    me = os.getpid()
+    if os.getpgrp() != me:
+        os._exit(code)
+    others = [pid for pid in _group_members(me) if pid != me]
+    for pid in others:
+        signal_quietly(pid, signal.SIGTERM, group=False)
+    deadline = time.monotonic() + grace
+    while any(is_alive(p) for p in others) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_quietly(me, signal.SIGKILL, group=True)
+    os._exit(code)  # not reached: SIGKILL above
+
+
+def die_with_parent(parent: int, *, poll: float = 0.25, pdeathsig: bool = True) -> None:
+    """Make this process and its process group stop when process ``parent`` is gone.
+
+    Call it first thing in a child started in its own session by ``parent`` (for
+    ``fedrec simulate``'s worker, from :mod:`simulations.worker`). Three mechanisms, any of
+    which suffices:
+
+    - on Linux (``pdeathsig``), the kernel sends SIGTERM when the parent dies (even by
+      SIGKILL), and this process's SIGTERM and SIGHUP handlers wake the watchdog;
+    - a daemon watchdog thread polls ``os.getppid()`` every ``poll`` seconds: a child whose
+      parent has died is re-parented (to init or a subreaper), on every POSIX platform;
+    - a parent that died before this call is noticed at once.
+
+    The watchdog then stops the whole group (:func:`stop_own_group`). Without ``pdeathsig``
+    (the parent started this process from a thread that may exit before it does) only the
+    watchdog runs. SIGTERM or SIGHUP from anyone else stops the group too. Must be called
+    from the main thread (it installs signal handlers).
+    """
+    if pdeathsig:
+        set_parent_death_signal(signal.SIGTERM)
+    wake = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        wake.set()
+
+    for sig in (signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
+        signal.signal(sig, on_signal)
+
+    def watch() -> None:
+        while not wake.wait(poll) and os.getppid() == parent:
+            pass
+        if os.getppid() != parent:
+            logger.error("parent process %d is gone: stopping this process group", parent)
+        else:
+            logger.warning("stopped by a signal: stopping this process group")
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        stop_own_group()
+
+    if os.getppid() != parent:  # died before the kernel could be told
+        logger.error("parent process %d is gone already: stopping", parent)
+        stop_own_group()
+    threading.Thread(target=watch, name="fedrec-parent-watchdog", daemon=True).start()

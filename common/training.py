@@ -27,6 +27,7 @@ __all__ = [
     "StepOptimizer",
     "TrainConfig",
     "TrainStats",
+    "clip_grad_norm",
     "make_optimizer",
     "score_users",
     "train_epochs",
@@ -123,6 +124,26 @@ def _forked_rng(generator: torch.Generator | None, device: torch.device) -> Iter
         yield
 
 
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients of ``params`` down so their joint L2 norm is at most ``max_norm``.
+
+    ``torch.nn.utils.clip_grad_norm_``'s arithmetic (without its foreach machinery); returns the
+    norm before clipping. A non-finite norm leaves the gradients as they are: the loss check of
+    :func:`train_epochs` stops the training at the next update.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    )
+    if math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
 def _dense_rows(
     data: sp.csr_matrix, rows: npt.NDArray[np.int64], device: torch.device
 ) -> torch.Tensor:
@@ -139,6 +160,7 @@ def train_epochs(
     beta_schedule: Callable[[int], float] | None,
     start_step: int = 0,
     generator: torch.Generator | None = None,
+    max_grad_norm: float | None = None,
 ) -> TrainStats:
     """Train ``model`` for ``epochs`` passes over the rows of ``data`` (Liang et al. 2018, alg. 1).
 
@@ -166,6 +188,9 @@ def train_epochs(
         Random source for shuffling and for the model's dropout / reparameterisation noise; with
         it the call is reproducible and leaves torch's global RNG untouched. ``None`` uses the
         global RNG.
+    max_grad_norm:
+        Clip each update's mini-batch gradient to this L2 norm (:func:`clip_grad_norm`), a guard
+        against divergence at a large learning rate; ``None`` does not clip.
 
     Returns
     -------
@@ -175,7 +200,8 @@ def train_epochs(
     Raises
     ------
     FloatingPointError
-        If the loss becomes NaN or infinite.
+        If the loss becomes NaN or infinite (``loss is inf at update 2``); that update is not
+        applied.
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
@@ -183,6 +209,9 @@ def train_epochs(
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
     X = sp.csr_matrix(data, dtype=np.float32)
     n_users = X.shape[0]
     if n_users == 0:
@@ -201,14 +230,13 @@ def train_epochs(
                 optimizer.zero_grad(set_to_none=True)
                 output: VAEOutput = model(x)
                 loss = vae_loss(output, x, beta=beta)
-                loss.backward()
-                import os
-                if os.environ.get("GCLIP"):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(os.environ["GCLIP"]))
-                optimizer.step()
                 value = float(loss.item())
-                if not math.isfinite(value):
+                if not math.isfinite(value):  # before the step: the weights stay finite
                     raise FloatingPointError(f"loss is {value} at update {step}")
+                loss.backward()
+                if max_grad_norm is not None:
+                    clip_grad_norm(params, max_grad_norm)
+                optimizer.step()
                 loss_sum += value * x.shape[0]
                 step += 1
     stats = TrainStats(

@@ -99,6 +99,9 @@ class UpdateSum(Protocol):
     def timings(self) -> dict[str, float]:
         """Seconds the server side of the sum took this round, by name."""
 
+    def cosignatures(self) -> list[dict[str, object]]:
+        """Co-signatures of the round's released sum for its ledger line (encrypted runs)."""
+
 
 class PlainSum:
     """Adds plaintext updates (``arrays`` record) in float64 after checking names and shapes."""
@@ -146,6 +149,10 @@ class PlainSum:
     def timings(self) -> dict[str, float]:
         """Plain sums are not timed separately."""
         return {}
+
+    def cosignatures(self) -> list[dict[str, object]]:
+        """No committee: nothing is co-signed."""
+        return []
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,20 +31,33 @@ from common.model import ModelConfig, anneal_beta, build_model
 from common.privacy import DPPlan, plan_privacy
 from common.privacy.ledger import LedgerWriter
 from common.privacy.rounds import privacy_summary, resume_accountant
+from common.privacy.signing import server_signer
 from common.protocol import RoundConfig
 from common.rounds import RoundRecord, test_metrics
 from common.run.config import RunConfig
 from common.run.folder import EvalData, client_sizes, load_eval_data, n_clients_of
 from common.run.info import run_info_config
+from common.run.owner import config_hash
 from server.dp import make_dp_strategy
 from server.he import CommitteeSum
 from server.optimizer import ServerOpt, cosine_lr_scale, make_server_optimizer
 from server.state import STATE_FILE, RunOutputs, ServerState, open_ledger
 from server.strategy import FedRecStrategy, RoundStrategy
 
-__all__ = ["build_strategy", "canonical_order", "run_federation", "wait_for_nodes"]
+__all__ = [
+    "NoUpdateAppliedError",
+    "build_strategy",
+    "canonical_order",
+    "no_update_reason",
+    "run_federation",
+    "wait_for_nodes",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class NoUpdateAppliedError(RuntimeError):
+    """A run ended without any round applying an update: the model is still the initial one."""
 
 
 @dataclass
@@ -65,7 +80,7 @@ class _Run:
         optimizer = make_server_optimizer(cfg.server)
         state_path = run_dir / STATE_FILE
         if state_path.exists():
-            state = ServerState.load(state_path)
+            state = ServerState.load(state_path, expect_config_hash=config_hash(cfg))
             optimizer.load_state_dict(state.optimizer)
             logger.info("resuming after round %d", state.round)
         else:
@@ -75,6 +90,7 @@ class _Run:
                 round=0,
                 weights={k: v.detach().numpy().copy() for k, v in init.state_dict().items()},
                 optimizer=optimizer.state_dict(),
+                config_hash=config_hash(cfg),
             )
         return cls(run_dir, cfg, data, model_cfg, optimizer, state, RunOutputs(run_dir, cfg))
 
@@ -112,10 +128,12 @@ def run_federation(
     strategy.summary()
     # Devices cannot read the run folder: messages carry the config and catalogue (public)
     run_info = {} if simulated else run_info_config(cfg, run.data.item_ids)
+    reasons: list[str] = []  # why updates were lost, in this process's rounds
     for rnd in range(run.state.round + 1, cfg.rounds + 1):
-        record = _run_round(grid, run, strategy, rnd, run_info)
-        _commit_round(run, record, ledger)
-    _finish(run, plan, ledger)
+        record, cosignatures = _run_round(grid, run, strategy, rnd, run_info)
+        reasons.extend(record.stats.reasons)
+        _commit_round(run, record, ledger, cosignatures)
+    _finish(run, plan, ledger, reasons)
 
 
 def build_strategy(
@@ -140,6 +158,9 @@ def build_strategy(
             committee_size=cfg.encryption.committee_size,
             timeout=cfg.server.round_timeout,
             seed=cfg.seed,
+            # the committee co-signs the rounds of a signed ledger (common.privacy.signing)
+            run_id=run_dir.name if plan is not None else None,
+            server_key=server_signer(run_dir).public_key if plan is not None else None,
         )
     else:
         logger.warning("encryption.enabled = false: the server sees each client's update")
@@ -176,8 +197,9 @@ def _register_nodes(
 
 def _run_round(
     grid: Grid, run: _Run, strategy: RoundStrategy, rnd: int, run_info: dict[str, Any]
-) -> RoundRecord:
-    """Train one round (and evaluate it when due); the weights move only if it was applied."""
+) -> tuple[RoundRecord, list[dict[str, object]]]:
+    """Train one round (and evaluate it when due); the weights move only if it was applied.
+    Returns the round's record and its committee's co-signatures (for the ledger line)."""
     cfg = run.cfg
     start = time.perf_counter()
     beta = anneal_beta(rnd, cap=cfg.model.beta_cap, total_steps=cfg.model.anneal_steps)
@@ -206,7 +228,7 @@ def _run_round(
         f" ({'; '.join(s.reasons[:3])})" if s.reasons else "",
         None if record.test is None else record.test["ndcg@100"],
     )
-    return record
+    return record, result.cosignatures
 
 
 def _client_ndcg(
@@ -226,8 +248,14 @@ def _client_ndcg(
     return float(value) if isinstance(value, int | float) else None
 
 
-def _commit_round(run: _Run, record: RoundRecord, ledger: LedgerWriter | None) -> None:
-    """Checkpoint the state, then append the round's ledger line, then report the round."""
+def _commit_round(
+    run: _Run,
+    record: RoundRecord,
+    ledger: LedgerWriter | None,
+    cosignatures: list[dict[str, object]] | None = None,
+) -> None:
+    """Checkpoint the state, then append the round's ledger line (with the committee's
+    co-signatures when the ledger is signed), then report the round."""
     row = record.to_dict()
     state = run.state
     state.rounds.append(row)
@@ -235,13 +263,46 @@ def _commit_round(run: _Run, record: RoundRecord, ledger: LedgerWriter | None) -
     state.optimizer = run.optimizer.state_dict()
     state.save(run.dir / STATE_FILE)
     if ledger is not None and record.privacy is not None:
-        ledger.append_round(record.privacy.to_record())
+        kept = (cosignatures or []) if ledger.signed else []
+        ledger.append_round(record.privacy.to_record(), cosignatures=kept)
     run.outputs.write_rounds(state.rounds, None)
     run.outputs.event(event="round", **row)
 
 
-def _finish(run: _Run, plan: DPPlan | None, ledger: LedgerWriter | None) -> None:
-    """Final test metrics, the ledger's final line, ``model.pt`` and the final results."""
+def no_update_reason(rounds: list[dict[str, Any]], reasons: list[str]) -> str | None:
+    """Why no round of ``rounds`` (their records) applied an update; ``None`` if one did.
+
+    ``reasons`` are the rounds' lost-update reasons (``node N: ...``); the most frequent three
+    are named, without the node ids.
+    """
+    if any(r.get("applied") for r in rounds):
+        return None
+    totals = {k: sum(int(r.get(k) or 0) for r in rounds) for k in ("sampled", "returned")}
+    lost = {k: sum(int(r.get(k) or 0) for r in rounds) for k in ("failed", "dropped", "refused")}
+    counts = ", ".join(f"{v} {k}" for k, v in lost.items() if v)
+    text = (
+        f"no round applied an update ({len(rounds)} rounds: {totals['sampled']} sampled, "
+        f"{totals['returned']} returned{', ' + counts if counts else ''})"
+    )
+    common = Counter(re.sub(r"^node \d+: ", "", reason) for reason in reasons).most_common(3)
+    if common:
+        text += ": " + "; ".join(f"{why} (x{n})" if n > 1 else why for why, n in common)
+    elif not totals["sampled"]:
+        text += ": no client was sampled (server.sample_rate)"
+    return text
+
+
+def _finish(
+    run: _Run, plan: DPPlan | None, ledger: LedgerWriter | None, reasons: list[str]
+) -> None:
+    """Final test metrics, the ledger's final line, ``model.pt`` and the final results.
+
+    Raises
+    ------
+    NoUpdateAppliedError
+        If no round applied an update: the results and the ledger are still completed (and the
+        ``done`` event carries the ``error``), but no ``model.pt`` of the untrained model.
+    """
     cfg, weights = run.cfg, run.state.weights
     final: dict[str, Any] = {"test": test_metrics(run.model_cfg, weights, run.data)}
     if plan is not None and ledger is not None:
@@ -250,6 +311,13 @@ def _finish(run: _Run, plan: DPPlan | None, ledger: LedgerWriter | None) -> None
         ledger.close(
             epsilon=final["privacy"]["epsilon"], epsilon_rdp=final["privacy"]["epsilon_rdp"]
         )
+    error = no_update_reason(run.state.rounds, reasons)
+    if error is not None:
+        final["error"] = error
+        run.outputs.write_rounds(run.state.rounds, final)
+        run.outputs.event(event="done", final=final, error=error)
+        logger.error("%s", error)
+        raise NoUpdateAppliedError(error)
     save_checkpoint(
         run.dir / "model.pt",
         Checkpoint(

@@ -11,6 +11,12 @@ decrypts it, floods it with noise and rounds it before release (Li and Miccianci
 :func:`common.he.committee_tolerance`; a missing member or a disagreement discards the round.
 The server only adds: clients pre-weight their updates (example counts, or
 the DP fixed denominator), so no ciphertext is ever multiplied.
+
+Co-signatures (:mod:`common.privacy.signing`). Given a ``run_id`` and the server's ledger key,
+the decrypt request of a client-level DP round also asks each member to co-sign what it can
+check: the round, the sum's update count and digest, and the mechanism announced with the round.
+The valid co-signatures of a released sum (:meth:`CommitteeSum.cosignatures`) go into the
+round's ledger line.
 """
 
 from __future__ import annotations
@@ -35,6 +41,14 @@ from common.he import (
     layout_of,
     to_record,
 )
+from common.privacy.signing import (
+    COSIGN_REQUEST_RECORD,
+    COSIGNATURE_RECORD,
+    Cosignature,
+    cosign_request,
+    statement_from_request,
+    sum_digest,
+)
 from common.protocol import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -44,6 +58,7 @@ from common.protocol import (
     HE_FINGERPRINT,
     HE_RECORD,
     HE_SUM_RECORD,
+    ClientDPConfig,
     RoundConfig,
 )
 
@@ -69,6 +84,9 @@ class CommitteeSum:
         Seed of the committee draw; round ``r`` uses ``default_rng([seed, r, 3])``.
     max_chunk_bytes:
         Largest accepted ciphertext chunk; default: what the parameter set can produce.
+    run_id, server_key:
+        The ledger's run id and the server's ledger key (hex): when both are given, members
+        are asked to co-sign client-level DP rounds (module docstring).
     """
 
     def __init__(
@@ -80,6 +98,8 @@ class CommitteeSum:
         timeout: float,
         seed: int,
         max_chunk_bytes: int | None = None,
+        run_id: str | None = None,
+        server_key: str | None = None,
     ) -> None:
         if committee_size < 2:
             raise ValueError(f"committee_size must be >= 2, got {committee_size}")
@@ -95,10 +115,24 @@ class CommitteeSum:
         self._contributors: list[int] = []
         self._why = ""
         self._seconds: dict[str, float] = {}
+        self._signing = (run_id, server_key) if run_id and server_key else None
+        self._mechanism: dict[str, float] | None = None
+        self._cosignatures: list[dict[str, object]] = []
 
     def announce(self, config: ConfigRecord) -> None:
-        """Tell clients which key pair to encrypt with."""
+        """Tell clients which key pair to encrypt with (and note the announced DP mechanism,
+        which the committee co-signs)."""
         config[HE_FINGERPRINT] = self.keys.fingerprint
+        dp = ClientDPConfig.read(config) if self._signing is not None else None
+        self._mechanism = None
+        if dp is not None:
+            self._mechanism = {
+                "noise_multiplier": dp.noise_multiplier,
+                "clip": dp.clip,
+                "sample_rate": dp.sample_rate,
+                "expected_participants": dp.denominator,
+                "delta": dp.delta,
+            }
 
     def begin(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Start an empty encrypted sum with the layout of the model the clients received."""
@@ -110,6 +144,7 @@ class CommitteeSum:
         self._contributors = []
         self._why = ""
         self._seconds = {HE_AGGREGATE_SECONDS: 0.0, HE_DECRYPT_SECONDS: 0.0}
+        self._cosignatures = []
 
     def add(self, msg: Message) -> str | None:
         """Check one reply's ciphertext and add it; a rejected one leaves the sum unchanged."""
@@ -140,8 +175,29 @@ class CommitteeSum:
             )
             return None
         start = time.perf_counter()
-        encrypted = to_record(self._acc.result())
+        encrypted_sum = self._acc.result()
+        encrypted = to_record(encrypted_sum)
         self._seconds[HE_AGGREGATE_SECONDS] += time.perf_counter() - start
+        content: dict[str, ConfigRecord] = {
+            HE_SUM_RECORD: encrypted,
+            CONFIG_RECORD: RoundConfig(self._round).to_record(),
+        }
+        expected = None
+        if self._signing is not None and self._mechanism is not None:
+            request = cosign_request(
+                run_id=self._signing[0], server_key=self._signing[1], mechanism=self._mechanism
+            )
+            content[COSIGN_REQUEST_RECORD] = ConfigRecord(dict(request))
+            expected = statement_from_request(
+                request,
+                server_round=self._round,
+                contributors=encrypted_sum.n_updates,
+                sum_sha256=sum_digest(
+                    encrypted_sum.header.fingerprint,
+                    encrypted_sum.n_updates,
+                    encrypted_sum.chunks,
+                ),
+            )
         rng = np.random.default_rng([self.seed, self._round, 3])
         # choose positions, not ids: Flower node ids are uint64 and numpy would make them float
         picks = rng.choice(len(self._contributors), self.committee_size, replace=False)
@@ -149,9 +205,7 @@ class CommitteeSum:
         start = time.perf_counter()
         requests = [
             Message(
-                RecordDict(
-                    {HE_SUM_RECORD: encrypted, CONFIG_RECORD: RoundConfig(self._round).to_record()}
-                ),
+                RecordDict(dict(content)),
                 dst_node_id=node,
                 message_type=DECRYPT_MESSAGE_TYPE,
                 ttl=self.timeout + 60.0,
@@ -159,7 +213,8 @@ class CommitteeSum:
             )
             for node in members
         ]
-        outputs = self._collect(self.grid.send_and_receive(requests, timeout=self.timeout))
+        replies = list(self.grid.send_and_receive(requests, timeout=self.timeout))
+        outputs = self._collect(replies)
         self._seconds[HE_DECRYPT_SECONDS] = time.perf_counter() - start
         if len(outputs) < self.committee_size:
             self._why = f"committee incomplete: {len(outputs)} of {self.committee_size} answered"
@@ -170,7 +225,40 @@ class CommitteeSum:
             self._why = "committee outputs disagree"
             return None
         logger.debug("round %d: committee %s agreed", self._round, members)
+        if expected is not None:
+            self._cosignatures = self._collect_cosignatures(replies, expected)
         return {k: v.astype(np.float64) for k, v in agreed.items()}
+
+    def _collect_cosignatures(
+        self, replies: Iterable[Message], expected: dict[str, object]
+    ) -> list[dict[str, object]]:
+        """The members' valid co-signatures of ``expected`` (one per key), as ledger records."""
+        kept: dict[str, dict[str, object]] = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            cosignature = Cosignature.from_wire(
+                reply.content.config_records.get(COSIGNATURE_RECORD)
+            )
+            if cosignature is None:
+                logger.info(
+                    "round %d: committee member %s did not co-sign",
+                    self._round,
+                    reply.metadata.src_node_id,
+                )
+            elif cosignature.statement != expected or not cosignature.valid():
+                logger.warning(
+                    "round %d: committee member %s co-signed something else; left out",
+                    self._round,
+                    reply.metadata.src_node_id,
+                )
+            else:
+                kept[cosignature.key] = cosignature.to_record()
+        return list(kept.values())
+
+    def cosignatures(self) -> list[dict[str, object]]:
+        """The committee's co-signatures of the last released sum (empty if none)."""
+        return list(self._cosignatures)
 
     def _collect(self, replies: Iterable[Message]) -> list[dict[str, np.ndarray]]:
         """The members' decryptions with the expected names and shapes."""

@@ -1,8 +1,9 @@
 """What a run keeps on disk between rounds: the server state and the files reported each round.
 
-- :class:`ServerState` (``RUN_DIR/server_state.pt``): the model, the optimizer and every round's
-  record so far, saved atomically after each round, so a killed run resumes after its last
-  complete round with no gap or duplicate.
+- :class:`ServerState` (``RUN_DIR/server_state.pt``): the model, the optimizer, every round's
+  record so far and the :func:`~common.run.owner.config_hash` of the run's config, saved
+  atomically after each round, so a killed run resumes after its last complete round with no
+  gap or duplicate, and never under another config.
 - :class:`RunOutputs`: ``progress.jsonl`` (events for the CLI), ``rounds.csv`` and
   ``results.json``, rewritten atomically after each round.
 - :func:`open_ledger`: the privacy ledger, created or continued (a ledger that lags the state
@@ -23,10 +24,12 @@ import numpy as np
 import torch
 
 from common.config import to_dict
+from common.errors import FedrecError
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.privacy import DPPlan
 from common.privacy.ledger import LedgerWriter, read_ledger
 from common.privacy.rounds import ledger_header
+from common.privacy.signing import server_signer
 from common.rounds import ROUND_FIELDS, epsilon_prv
 from common.run.config import RunConfig
 
@@ -37,12 +40,17 @@ STATE_FILE = "server_state.pt"
 
 @dataclass
 class ServerState:
-    """Everything needed to continue a run: the model, the optimizer and the rounds so far."""
+    """Everything needed to continue a run: the model, the optimizer and the rounds so far.
+
+    ``config_hash`` is the :func:`~common.run.owner.config_hash` of the config the run started
+    with (``None`` in a state saved before fedrec recorded it).
+    """
 
     round: int
     weights: dict[str, np.ndarray]
     optimizer: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    config_hash: str | None = None
 
     def save(self, path: Path) -> None:
         """Write the state atomically (tensors and plain containers only)."""
@@ -58,15 +66,30 @@ class ServerState:
                 "v": {k: torch.from_numpy(v) for k, v in opt["v"].items()},
             },
             "rounds": json.dumps(self.rounds),
+            "config_hash": self.config_hash or "",
         }
         buf = io.BytesIO()
         torch.save(payload, buf)
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: Path) -> ServerState:
-        """Read what :meth:`save` wrote."""
+    def load(cls, path: Path, *, expect_config_hash: str | None = None) -> ServerState:
+        """Read what :meth:`save` wrote.
+
+        Raises
+        ------
+        FedrecError
+            If ``expect_config_hash`` is given and the state records another config's hash (the
+            folder holds another run); a state that predates the hash is not refused.
+        """
         payload = torch.load(path, map_location="cpu", weights_only=True)
+        saved = payload.get("config_hash") or None
+        if expect_config_hash is not None and saved not in (None, expect_config_hash):
+            raise FedrecError(
+                f"{path} is the state of a run with another config (config hash {saved[:12]}, "
+                f"not {expect_config_hash[:12]}): start this run in another folder, or with "
+                "--force to start over"
+            )
         opt = payload["optimizer"]
         return cls(
             round=int(payload["round"]),
@@ -77,7 +100,16 @@ class ServerState:
                 "v": {k: v.numpy() for k, v in opt["v"].items()},
             },
             rounds=json.loads(payload["rounds"]),
+            config_hash=saved,
         )
+
+    @staticmethod
+    def read_config_hash(path: Path) -> str | None:
+        """The ``config_hash`` of the state saved at ``path``, without reading its tensors into
+        memory (memory-mapped); ``None`` for a state that predates it."""
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        value = payload.get("config_hash")
+        return str(value) if value else None
 
 
 def open_ledger(run_dir: Path, cfg: RunConfig, plan: DPPlan, state: ServerState) -> LedgerWriter:
@@ -85,14 +117,17 @@ def open_ledger(run_dir: Path, cfg: RunConfig, plan: DPPlan, state: ServerState)
 
     The server state is saved before the ledger line of a round, so after a crash between the
     two the ledger can lag one round behind the state: that line is written again from the
-    state's record of the round.
+    state's record of the round (without the committee's co-signatures, which the state does
+    not keep). Every line is signed with the server's key, ``RUN_DIR/signing/server.key``
+    (:mod:`common.privacy.signing`, made with the ledger).
     """
     path = run_dir / "ledger.jsonl"
     if not path.exists():
         if state.round > 0:
             raise RuntimeError(f"{path} is missing but the run is at round {state.round}")
-        return LedgerWriter.create(path, ledger_header(run_id=run_dir.name, cfg=cfg, plan=plan))
-    writer = LedgerWriter.open_existing(path)
+        header = ledger_header(run_id=run_dir.name, cfg=cfg, plan=plan)
+        return LedgerWriter.create(path, header, signer=server_signer(run_dir))
+    writer = LedgerWriter.open_existing(path, signer=server_signer(run_dir))  # signed: its key
     rounds_in_ledger = sum(1 for r in read_ledger(path) if r.get("type") == "round")
     for record in state.rounds[rounds_in_ledger:]:
         writer.append_round(record["ledger"])

@@ -38,8 +38,10 @@ from common.protocol import (
     EVAL_USERS,
     METRICS_RECORD,
     WEIGHT,
+    Divergence,
     EvalMetrics,
     ProtocolError,
+    is_divergence,
     is_refusal,
     read_float,
     read_seconds,
@@ -83,6 +85,8 @@ class TrainResult:
     """The replies received, in canonical node order."""
     privacy: PrivacyRound | None = None
     """The round's privacy charge (set by a DP layer, :mod:`server.dp`)."""
+    cosignatures: list[dict[str, object]] = field(default_factory=list)
+    """The decryption committee's co-signatures of the round (for its ledger line)."""
 
 
 class RoundStrategy(Protocol):
@@ -178,7 +182,12 @@ class FedRecStrategy(Strategy):
             )
         )
         new_arrays, _ = self.aggregate_train(server_round, replies)
-        return TrainResult(new_arrays, self._stats, self._canonical(replies))
+        return TrainResult(
+            new_arrays,
+            self._stats,
+            self._canonical(replies),
+            cosignatures=self.summer.cosignatures(),
+        )
 
     def _canonical(self, replies: Iterable[Message]) -> list[Message]:
         """Replies in canonical node order: they arrive in whatever order the clients finish,
@@ -224,13 +233,21 @@ class FedRecStrategy(Strategy):
         for msg in replies:
             if msg.has_error():
                 stats.failed += 1
-                reason = msg.error.reason or "error"
-                stats.reasons.append(f"node {msg.metadata.src_node_id}: {reason[:200]}")
+                reason = _error_line(msg.error.reason or "error")
+                stats.reasons.append(f"node {msg.metadata.src_node_id}: {reason}")
                 continue
             stats.bytes_up += wire_bytes(msg.content)
             metrics = msg.content.metric_records.get(METRICS_RECORD)
             if is_refusal(metrics):  # over its privacy budget: counted, not an error
                 stats.refused += 1
+                continue
+            if is_divergence(metrics):  # local training went non-finite: no update, failed
+                stats.failed += 1
+                try:
+                    why = Divergence.read(msg.content).reason
+                except ProtocolError as err:
+                    why = f"malformed reason: {err}"
+                stats.reasons.append(f"node {msg.metadata.src_node_id}: diverged: {why}")
                 continue
             problem = None
             reply_weight, reply_seconds = 0.0, {}
@@ -339,6 +356,17 @@ class FedRecStrategy(Strategy):
             s.optimizer.value,
             s.lr,
         )
+
+
+def _error_line(reason: str, limit: int = 200) -> str:
+    """The telling line of an error reply's reason, at most ``limit`` characters.
+
+    Flower wraps a ClientApp's exception with its traceback (``<class ...>:<'... Traceback ...
+    RuntimeError: client 3: injected failure'>``), whose last line names the exception.
+    """
+    lines = [line.strip() for line in reason.strip().removesuffix("'>").splitlines()]
+    lines = [line for line in lines if line]
+    return (lines[-1] if lines else "error")[:limit]
 
 
 def _from_numpy(arrays: dict[str, np.ndarray]) -> ArrayRecord:

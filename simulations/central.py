@@ -21,6 +21,7 @@ import torch
 
 from common.checkpoint import Checkpoint, save_checkpoint
 from common.data import Dataset, Split, load_dataset, split_strong_generalization
+from common.data.stats import cleaning_record
 from common.io import atomic_write_json
 from common.metrics import evaluate
 from common.model import ModelConfig, ModelKind, anneal_beta, build_model
@@ -81,6 +82,8 @@ class CentralConfig:
     """Ratings at or above this are positives."""
     n_heldout_users: int | None = None
     """Validation and test users each (default: 100 for small sets, else 10%)."""
+    strict: bool = False
+    """Refuse the data file at its first bad row instead of dropping bad rows."""
     cache_dir: Path | None = None
     """Where fetched data sets are cached (default ``$FEDREC_DATA`` or ``~/.cache/fedrec``)."""
 
@@ -223,7 +226,9 @@ def run_central(
         Validation and test metrics of the best epoch (by validation NDCG@100).
     """
     seed_everything(cfg.seed)
-    ds = load_dataset(cfg.dataset, cache_dir=cfg.cache_dir, min_rating=cfg.min_rating)
+    ds = load_dataset(
+        cfg.dataset, cache_dir=cfg.cache_dir, min_rating=cfg.min_rating, strict=cfg.strict
+    )
     split = split_strong_generalization(ds, seed=cfg.seed, n_heldout_users=cfg.n_heldout_users)
     logger.info(
         "split: %d train, %d validation, %d test users; %d items",
@@ -234,6 +239,7 @@ def run_central(
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "cleaning.json", cleaning_record(ds))
     metrics: dict[str, Any]
     if cfg.model in (RecommenderKind.MULTVAE, RecommenderKind.MULTDAE):
         model, model_cfg, result = _train_neural(cfg, split, on_epoch)

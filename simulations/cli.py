@@ -26,6 +26,7 @@ from client.cli import add_client_commands
 from common.cli import (
     CACHE_DIR_HELP,
     EXIT_CODES_HELP,
+    STRICT_HELP,
     CommandParser,
     Subparsers,
     activity,
@@ -62,6 +63,7 @@ CENTRAL_KEYS = {
     "data.dataset": "dataset",
     "data.min_rating": "min_rating",
     "data.n_heldout_users": "n_heldout_users",
+    "data.strict": "strict",
 }
 """``train-central --set`` keys laid out as in a run config (``model.dims`` as in ``simulate``),
 and the fields of :class:`~simulations.central.CentralConfig` they set."""
@@ -109,6 +111,8 @@ def _cmd_train_central(args: argparse.Namespace) -> int:
         raw["epochs"] = args.epochs
     if args.cache_dir is not None:
         raw["cache_dir"] = str(args.cache_dir)
+    if args.strict:
+        raw["strict"] = True
     cfg = load_config(CentralConfig, None, _central_sets(args.set), base=raw, aliases=CENTRAL_KEYS)
     if cfg.dataset not in EMBEDDED:
         detect_source(Path(cfg.dataset).expanduser())  # a missing data set: no bar, one line
@@ -173,10 +177,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         TimeRemainingColumn,
     )
 
+    from common.config import locate_error
+    from common.errors import ConfigError
     from common.run.config import load_run_config
     from simulations.report import write_report
     from simulations.runner import (
         central_reference,
+        claim_run_dir,
         finish_results,
         prepare_run,
         resume_config,
@@ -184,7 +191,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     )
 
     if args.resume is not None:
+        if args.set or args.config is not None:
+            raise FedrecError(
+                "--resume continues a run with its own config.toml; --set/--config are not applied"
+            )
         run_dir = Path(args.resume)
+        lock = claim_run_dir(run_dir, resume=True)  # refuses a run that is still writing
         cfg = resume_config(run_dir)
         from common.run.folder import n_clients_of
 
@@ -193,25 +205,25 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if args.out is None:
             raise FedrecError("simulate needs --out RUN_DIR (or --resume RUN_DIR)")
         run_dir = Path(args.out)
-        if (run_dir / "results.json").exists() and not args.force:
-            raise FedrecError(
-                f"{run_dir} already holds a run: use --resume {run_dir} to continue it, "
-                "or --force to start over"
-            )
-        cfg = load_run_config(args.config, args.set)
+        sets = [*args.set, "data.strict=true"] if args.strict else args.set
+        cfg = load_run_config(args.config, sets)
         if args.config is None:
             note(f"no --config: using the built-in defaults ({_summary(cfg)})")
-        if args.force and run_dir.exists():
-            for name in (
-                "server_state.pt",
-                "progress.jsonl",
-                "results.json",
-                "rounds.csv",
-                "ledger.jsonl",
-            ):
-                (run_dir / name).unlink(missing_ok=True)
+        if cfg.privacy.mode.value != "off" and cfg.privacy.target_epsilon is not None:
+            from common.privacy.plan import check_target_epsilon
+
+            try:  # before anything is written; the full calibration needs the prepared clients
+                check_target_epsilon(
+                    target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.delta
+                )
+            except ValueError as err:
+                raise FedrecError(f"privacy: {err}") from None
+        lock = claim_run_dir(run_dir, force=args.force)  # refuses a folder in use or holding a run
         with activity("preparing data and clients"):
-            n_clients = prepare_run(cfg, run_dir, cache_dir=args.cache_dir)
+            try:  # checks the data before writing; --force clears an old run's outputs then
+                n_clients = prepare_run(cfg, run_dir, cache_dir=args.cache_dir, force=args.force)
+            except ConfigError as err:  # a value the data refuses: name its file line or --set
+                raise locate_error(err, args.config, args.set) from None
     note(f"{cfg.name}: {n_clients} clients, {cfg.rounds} rounds -> {run_dir}")
     note(f"per-round log: {run_dir / 'simulation.log'}")
     from common.privacy import plan_privacy
@@ -271,7 +283,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 info += _epsilon_text(event, "ε")
                 progress.update(task, completed=event["round"], info=info)
 
-        outcome = simulate(run_dir, n_clients, cfg, on_event=on_event, ray_address=args.ray_address)
+        outcome = simulate(
+            run_dir, n_clients, cfg, on_event=on_event, ray_address=args.ray_address, lock=lock
+        )
     reference = None
     if cfg.reference:
         with activity("training the centralized reference on the same split"):
@@ -314,6 +328,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             f"(check it: fedrec audit verify {run_dir})"
         )
     out.print(f"wall time {outcome.wall_seconds:.1f} s; report: {report}")
+    lock.release()
     return 0
 
 
@@ -456,10 +471,11 @@ def _add_train_central(sub: Subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     add_set_option(
         p,
         "keys laid out as in a run config, e.g. --set model.dims=[200,64] --set lr=0.001; "
-        "model.kind/dims/dropout/beta_cap/anneal_steps, data.min_rating/n_heldout_users, "
+        "model.kind/dims/dropout/beta_cap/anneal_steps, data.min_rating/n_heldout_users/strict, "
         "epochs, patience, batch_size, lr, weight_decay, ease_lambda",
     )
     p.set_defaults(handler=_cmd_train_central)
@@ -484,6 +500,7 @@ def _add_simulate(sub: Subparsers) -> None:
     )
     p.add_argument("--force", action="store_true", help="start over in an existing run folder")
     p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP + " (data.strict = true)")
     p.add_argument(
         "--ray-address",
         default=None,

@@ -49,6 +49,8 @@ def batched_unsupported(cfg: RunConfig, run_dir: Path) -> str | None:
         return f"model.kind is {cfg.model.kind!r} (the batched engine covers multvae)"
     if cfg.client.optimizer != "sgd" or cfg.client.local_epochs != 1:
         return "clients take more than one plain SGD step (client.optimizer, local_epochs)"
+    if cfg.client.max_grad_norm is not None:
+        return "clients clip their gradients (client.max_grad_norm)"
     sizes = client_sizes(run_dir)
     if min(sizes) != 1 or max(sizes) != 1:
         return "some client holds more than one user"

@@ -96,6 +96,7 @@ from common.privacy.rounds import (
     ledger_header,
     privacy_summary,
 )
+from common.privacy.signing import server_signer
 from common.rounds import RoundRecord, RoundStats, split_seed, test_metrics, train_seed
 from common.run.config import PrivacyMode, RunConfig, load_run_config
 from common.run.folder import load_client_shard, load_eval_data, n_clients_of
@@ -169,6 +170,7 @@ class _Round:
         self.noise_seed = cfg.privacy.noise_seed
         self.noise_rng = np.random.default_rng()  # OS entropy, unless noise_seed is set
         self.noise_std = 0.0
+        self.diverged: list[str] = []  # the last updates() call's diverged clients and why
         if plan is not None:
             self.noise_std = client_noise_std(
                 noise_multiplier=plan.noise_multiplier,
@@ -179,7 +181,9 @@ class _Round:
     def updates(
         self, weights: dict[str, np.ndarray], cohort: list[int], *, server_round: int, beta: float
     ) -> tuple[dict[str, np.ndarray] | None, float]:
-        """The float64 sum of the cohort's (privatized) updates and the summed weight."""
+        """The float64 sum of the cohort's (privatized) updates and the summed weight; clients
+        whose training diverged are left out and listed in :attr:`diverged`."""
+        self.diverged = []
         if not cohort:
             return None, 0.0
         if self.engine is ClientEngine.BATCHED:
@@ -205,6 +209,9 @@ class _Round:
                 beta=beta,
                 seed=train_seed(cfg.seed, server_round, cid),
             )
+            if update.diverged is not None:  # the ClientApp sends no update either
+                self.diverged.append(f"client {cid}: diverged: {update.diverged}")
+                continue
             delta, w = update.delta, update.weight
             if plan is not None:
                 delta = privatize_update(
@@ -293,7 +300,9 @@ def _train_round(
     cohort = [c for c in cohort if c not in failing]  # injected failures
     stats.failed = len(invited) - stats.refused - len(cohort)
     total, weight = clients.updates(weights, cohort, server_round=rnd, beta=beta)
-    stats.returned = len(cohort)
+    stats.failed += len(clients.diverged)
+    stats.reasons.extend(clients.diverged)
+    stats.returned = len(cohort) - len(clients.diverged)
     denominator = 1.0 if plan is not None else weight
     if total is not None and stats.returned >= cfg.server.min_clients and denominator > 0:
         apply_sum_inplace(
@@ -384,7 +393,7 @@ def run_inprocess(
         accountant = PrivacyAccountant(delta=plan.delta)
         (out / "ledger.jsonl").unlink(missing_ok=True)
         header = ledger_header(run_id=out.name, cfg=cfg, plan=plan)
-        ledger = LedgerWriter.create(out / "ledger.jsonl", header)
+        ledger = LedgerWriter.create(out / "ledger.jsonl", header, signer=server_signer(out))
     else:
         logger.warning("privacy.mode = 'off': updates carry no differential privacy")
     clients = _Round(cfg, run_dir, model_cfg, plan, engine)

@@ -1,8 +1,17 @@
 """``fedrec simulate``: prepare a run folder, run Flower's simulation, report, clean up.
 
+The run folder has one owner: :func:`claim_run_dir` takes its lock (``RUN_DIR/.lock``,
+:class:`common.run.owner.RunLock`) before anything is written there, refuses a folder in use,
+takes over the lock of a run that died, and refuses to start a new run over another run's
+state without ``--force``; :func:`resume_config` refuses a folder whose state or ledger belongs
+to another config.
+
 The simulation runs in a child process started in its own session (:mod:`simulations.worker`),
 so the whole tree it starts (Ray's GCS, raylet, actors) shares one process group that is
-stopped as a unit on success, error or Ctrl-C: nothing outlives the command. On an existing
+stopped as a unit on success, error, Ctrl-C, SIGTERM or SIGHUP: nothing outlives the command.
+The child inherits the run lock and dies with this process even when this one is killed
+outright (SIGKILL): it watches its parent (:func:`common.processes.die_with_parent`) and then
+stops its own group, so no orphan keeps writing the ledger. On an existing
 Ray cluster (``ray_address``) only the driver is fedrec's: the actors run in the cluster's
 raylets and Ray frees them when the driver disconnects or dies, while the cluster keeps
 running (fedrec never stops a cluster it did not start). The ServerApp appends one JSON line
@@ -12,6 +21,7 @@ display.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,8 +30,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -30,11 +41,21 @@ from typing import Any
 from common.errors import FedrecError
 from common.he import ParamSet, init_keys
 from common.io import atomic_write_json
+from common.privacy.signing import register_simulated_devices
 from common.processes import interrupts_raise
 from common.run.config import RunConfig, load_run_config
-from common.run.folder import write_run_folder
+from common.run.folder import build_run_data, write_run_folder
+from common.run.owner import RunLock, config_hash
 
-__all__ = ["ProgressEvent", "SimulationOutcome", "prepare_run", "simulate"]
+__all__ = [
+    "RUN_FILES",
+    "ProgressEvent",
+    "SimulationOutcome",
+    "claim_run_dir",
+    "prepare_run",
+    "resume_config",
+    "simulate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,29 +72,123 @@ class SimulationOutcome:
     wall_seconds: float
 
 
-def prepare_run(cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None) -> int:
+RUN_OUTPUTS = ("server_state.pt", "progress.jsonl", "results.json", "rounds.csv", "ledger.jsonl")
+"""What a run writes into its folder while it runs (``--force`` removes them first)."""
+
+
+def prepare_run(
+    cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None, force: bool = False
+) -> int:
     """Write ``config.toml`` and ``data/`` into ``run_dir``; returns the number of clients.
 
-    An encrypted run without a key folder gets one in ``run_dir/keys`` (the simulation plays
-    the operator's ``fedrec keys init``); a named key folder must already exist.
+    The data is read and checked against ``cfg`` first, and a named key folder must exist: a
+    refused run writes nothing (no run folder, or an existing one untouched). An encrypted run
+    without a key folder gets one in ``run_dir/keys`` (the simulation plays the operator's
+    ``fedrec keys init``). ``force`` then removes an earlier run's outputs (:data:`RUN_OUTPUTS`).
+
+    Raises
+    ------
+    ConfigError
+        For a value the data does not allow, with its ``key``.
+    FedrecError
+        If ``encryption.keys`` names a folder without keys.
     """
-    n_clients = write_run_folder(cfg, run_dir, cache_dir=cache_dir).n_clients
-    if cfg.encryption.enabled:
-        keydir = cfg.encryption.keys_dir(run_dir)
-        if cfg.encryption.keys is None and not (keydir / "client.ctx").exists():
-            init_keys(keydir, params=ParamSet.FEDREC.params)
-        elif not (keydir / "server.ctx").exists():
-            raise FedrecError(
-                f"encryption.keys: {keydir} holds no keys; run `fedrec keys init --out {keydir}`"
-            )
+    data = build_run_data(cfg, cache_dir=cache_dir)
+    keydir = cfg.encryption.keys_dir(run_dir)
+    named_keys = cfg.encryption.enabled and cfg.encryption.keys is not None
+    if named_keys and not (keydir / "server.ctx").exists():
+        raise FedrecError(
+            f"encryption.keys: {keydir} holds no keys; run `fedrec keys init --out {keydir}`"
+        )
+    if force and run_dir.exists():
+        for name in RUN_OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+    n_clients = write_run_folder(cfg, run_dir, data=data).n_clients
+    simulated_keys = cfg.encryption.enabled and cfg.encryption.keys is None
+    if simulated_keys and not (keydir / "client.ctx").exists():
+        init_keys(keydir, params=ParamSet.FEDREC.params)
+    if cfg.encryption.enabled:  # the operator registers the committee's co-signing keys
+        register_simulated_devices(run_dir, n_clients)
     return n_clients
 
 
+RUN_FILES = ("server_state.pt", "ledger.jsonl", "results.json")
+"""The files that say a folder holds a run (started, or finished)."""
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool = False, force: bool = False) -> RunLock:
+    """Take ``run_dir``'s lock for this command, before anything is written there.
+
+    ``resume``: the folder must be a run folder (``config.toml``). Otherwise the folder is
+    created if needed (and removed again by :meth:`~common.run.owner.RunLock.release` if the
+    command leaves it empty), and without ``force`` it must not hold a run already
+    (:data:`RUN_FILES`): a new run never continues another run's state by accident.
+
+    Raises
+    ------
+    common.run.owner.RunInUseError
+        ``RUN is in use by pid P on HOST since T``: another command (or its worker) writes it.
+    FedrecError
+        Not a run folder (``resume``), or a run folder without ``force`` (naming ``--resume``
+        and ``--force``).
+    """
+    if resume and not (run_dir / "config.toml").is_file():
+        raise FedrecError(f"{run_dir}: not a fedrec run folder (no config.toml)")
+    lock = RunLock.acquire(run_dir)
+    if not resume and not force:
+        found = [name for name in RUN_FILES if (run_dir / name).exists()]
+        if found:
+            lock.release()
+            raise FedrecError(
+                f"{run_dir} already holds a run ({', '.join(found)}): use --resume {run_dir} "
+                "to continue it, or --force to start over"
+            )
+    return lock
+
+
 def resume_config(run_dir: Path) -> RunConfig:
-    """The config of an existing run folder (for ``--resume``)."""
+    """The config of an existing run folder (for ``--resume``).
+
+    Raises
+    ------
+    FedrecError
+        If the folder has no ``config.toml``, or if its server state or ledger header records
+        the hash of another config (:func:`common.run.owner.config_hash`) than ``config.toml``
+        holds. A state or ledger that predates the hash is not refused.
+    """
     if not (run_dir / "config.toml").is_file():
         raise FedrecError(f"{run_dir}: not a fedrec run folder (no config.toml)")
-    return load_run_config(run_dir / "config.toml")
+    cfg = load_run_config(run_dir / "config.toml")
+    expected = config_hash(cfg)
+    for name, saved in _saved_config_hashes(run_dir).items():
+        if saved is not None and saved != expected:
+            raise FedrecError(
+                f"{run_dir}: {name} belongs to another config than {run_dir / 'config.toml'} "
+                f"(config hash {saved[:12]}, not {expected[:12]}); this run cannot be resumed: "
+                f"start over with --out {run_dir} --force"
+            )
+    return cfg
+
+
+def _saved_config_hashes(run_dir: Path) -> dict[str, str | None]:
+    """The config hashes recorded by the run's server state and ledger header, if present."""
+    from server.state import STATE_FILE, ServerState
+
+    found: dict[str, str | None] = {}
+    state = run_dir / STATE_FILE
+    if state.exists():
+        found[STATE_FILE] = ServerState.read_config_hash(state)
+    ledger = run_dir / "ledger.jsonl"
+    if ledger.exists():
+        with ledger.open("rb") as fh:
+            first = fh.readline()
+        try:
+            header = json.loads(first)
+        except ValueError:
+            header = None
+        value = header.get("config_hash") if isinstance(header, dict) else None
+        found["ledger.jsonl"] = value if isinstance(value, str) else None
+    return found
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
@@ -95,6 +210,33 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _holding(run_dir: Path, lock: RunLock | None) -> Iterator[RunLock]:
+    """``lock``, or the lock of ``run_dir`` taken (and given up) around the block."""
+    if lock is not None:
+        yield lock
+        return
+    with RunLock.acquire(run_dir) as own:
+        yield own
+
+
+def _worker_env(lock: RunLock) -> dict[str, str]:
+    """The worker's environment: this process as the parent it dies with, and the lock's fd.
+
+    The kernel's parent-death signal follows the thread that started the worker, so it is
+    armed only when that is this process's main thread; the worker's watchdog runs anyway.
+    """
+    from simulations.worker import LOCK_FD_ENV, PARENT_ENV, PDEATHSIG_ENV
+
+    main = threading.current_thread() is threading.main_thread()
+    return {
+        **os.environ,
+        PARENT_ENV: str(os.getpid()),
+        PDEATHSIG_ENV: "1" if main else "0",
+        LOCK_FD_ENV: str(lock.fileno()),
+    }
 
 
 def _follow(path: Path, pos: int) -> tuple[list[ProgressEvent], int]:
@@ -136,16 +278,21 @@ def simulate(
     *,
     on_event: Callable[[ProgressEvent], None] | None = None,
     ray_address: str | None = None,
+    lock: RunLock | None = None,
 ) -> SimulationOutcome:
     """Run the prepared simulation in ``run_dir`` and wait for it; nothing is left running.
 
     ``ray_address`` (else ``cfg.simulation.ray_address``) names an existing Ray cluster to run
     on, which is left running; without one the run starts and stops a local Ray of its own.
+    ``lock`` is the caller's lock of ``run_dir`` (:func:`claim_run_dir`); without one the run
+    takes the lock itself for its duration. The worker inherits the lock and dies with this
+    process (see the module docstring).
 
     Raises
     ------
     FedrecError
-        If the simulation process fails; the message points at ``RUN_DIR/simulation.log``.
+        If the simulation process fails, or no round applied an update (``no round applied an
+        update ...: reasons``); the message points at ``RUN_DIR/simulation.log``.
     """
     progress = run_dir / "progress.jsonl"
     pos = progress.stat().st_size if progress.exists() else 0
@@ -166,26 +313,32 @@ def simulate(
             raise FedrecError("--ray-address: give HOST:PORT of a Ray head (or 'local')")
         _check_ray_head(address)
         cmd.append(address)
-    with interrupts_raise(), log_path.open("ab") as log:
+    with interrupts_raise(), _holding(run_dir, lock) as held, log_path.open("ab") as log:
         proc = subprocess.Popen(
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            pass_fds=(held.fileno(),),
+            env=_worker_env(held),
         )
         try:
+            held.record_worker(proc.pid)
             done = False
+            error: str | None = None  # the ServerApp's reason for a run that trained nothing
             while True:
                 events, pos = _follow(progress, pos)
                 for event in events:
                     done = done or event.get("event") == "done"
+                    error = error or event.get("error")
                     if on_event is not None:
                         on_event(event)
                 if proc.poll() is not None:
                     events, pos = _follow(progress, pos)
                     for event in events:
                         done = done or event.get("event") == "done"
+                        error = error or event.get("error")
                         if on_event is not None:
                             on_event(event)
                     break
@@ -193,6 +346,8 @@ def simulate(
         finally:
             _kill_group(proc)
     wall = time.monotonic() - start
+    if error is not None:
+        raise FedrecError(f"{error} — see {log_path}")
     if proc.returncode != 0 or not done:
         tail = _last_error_line(log_path)
         raise FedrecError(f"simulation failed (exit {proc.returncode}): {tail} — see {log_path}")

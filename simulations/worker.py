@@ -15,6 +15,14 @@ the ClientApp actors run in the cluster's raylets, and ``ray.shutdown`` at the e
 backend, and this module's ``finally`` for early failures) frees them; Ray also frees them when
 this driver dies (the job's actors share its fate). The cluster itself keeps running.
 
+Parent death: ``fedrec simulate`` names itself in ``FEDREC_WORKER_PARENT``, and this process
+dies with it (:func:`common.processes.die_with_parent`: the kernel's parent-death signal on
+Linux, a watchdog thread polling the parent pid everywhere), stopping its whole process group,
+Ray's GCS, raylet and actors included. It also inherits the run folder's lock
+(``FEDREC_RUN_LOCK_FD``, :class:`common.run.owner.RunLock`) and keeps it open for its whole life,
+so a worker that is still stopping counts as the folder's live writer and no resume can append
+to the ledger beside it.
+
 Usage: ``python -m simulations.worker RUN_DIR NUM_NODES NUM_CPUS_PER_CLIENT [RAY_ADDRESS]``
 """
 
@@ -26,12 +34,45 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["APP_DIR", "backend_config", "is_external", "main"]
+__all__ = [
+    "APP_DIR",
+    "LOCK_FD_ENV",
+    "PARENT_ENV",
+    "PDEATHSIG_ENV",
+    "backend_config",
+    "is_external",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """Folder whose ``pyproject.toml`` declares the Flower app (the project root)."""
+
+PARENT_ENV = "FEDREC_WORKER_PARENT"
+"""Environment variable: the pid of the ``fedrec simulate`` process this worker dies with."""
+PDEATHSIG_ENV = "FEDREC_WORKER_PDEATHSIG"
+"""Environment variable: ``1`` when the parent started this worker from a thread that lives as
+long as it does, so that the kernel's parent-death signal (which follows the thread) is safe."""
+LOCK_FD_ENV = "FEDREC_RUN_LOCK_FD"
+"""Environment variable: the inherited file descriptor of the run folder's lock."""
+
+
+def _guard() -> None:
+    """Die with the parent named in the environment; keep the inherited run lock to ourselves.
+
+    Both variables are removed from the environment, so Ray's processes do not see them. A
+    worker started by hand (no parent named) runs unguarded.
+    """
+    from common.processes import die_with_parent
+
+    lock_fd = os.environ.pop(LOCK_FD_ENV, None)
+    if lock_fd is not None:
+        os.set_inheritable(int(lock_fd), False)  # held here; Ray's processes must not get it
+    parent = os.environ.pop(PARENT_ENV, None)
+    pdeathsig = os.environ.pop(PDEATHSIG_ENV, "0") == "1"
+    if parent is not None:
+        die_with_parent(int(parent), pdeathsig=pdeathsig)
 
 
 def _record_node_partitions(run_dir: Path) -> None:
@@ -50,7 +91,9 @@ def _record_node_partitions(run_dir: Path) -> None:
 
     def recording(nodes_mapping: dict[int, int], run: Any, app_dir: str | None = None) -> Any:
         atomic_write_json(
-            run_dir / "data" / "nodes.json", {str(n): p for n, p in nodes_mapping.items()}
+            run_dir / "data" / "nodes.json",
+            {str(n): p for n, p in nodes_mapping.items()},
+            mode=0o600,  # like every file in data/ (common.run.folder.DATA_FILE_MODE)
         )
         return register(nodes_mapping, run, app_dir)
 
@@ -165,6 +208,7 @@ def run(
 def main() -> None:
     """Entry point of the child process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _guard()
     run_dir, num_nodes, cpus = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     ray_address = sys.argv[4] if len(sys.argv) > 4 else None
     run(run_dir, num_nodes, cpus, ray_address)

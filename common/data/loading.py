@@ -30,6 +30,7 @@ def load_dataset(
     cache_dir: Path | None = None,
     min_rating: float = 4.0,
     min_user_positives: int = 5,
+    strict: bool = False,
 ) -> Dataset:
     """Read and clean an interaction dataset (Liang et al. 2018 preprocessing).
 
@@ -48,6 +49,9 @@ def load_dataset(
         whose reader marks every row a positive) ignores it and records ``min_rating=None``.
     min_user_positives:
         Users with fewer positives are dropped (default 5).
+    strict:
+        Refuse the first bad row instead of dropping bad rows (the policy is in
+        :mod:`common.data.cleaning`); what was dropped is in ``Dataset.report`` either way.
 
     Returns
     -------
@@ -56,7 +60,8 @@ def load_dataset(
     Raises
     ------
     DataError
-        One line naming the file (and line) for any problem with the input.
+        One line naming the file (and line) for any problem with the input: a file that
+        cannot be read, no good row, no positive left, or (``strict``) the first bad row.
     ValueError
         If ``min_rating`` is not finite or ``min_user_positives`` < 1.
     """
@@ -66,11 +71,14 @@ def load_dataset(
     else:
         source = detect_source(Path(spec).expanduser())
     raw, side = read_source(source)
-    implicit = raw.ratings is None
+    implicit = raw.ratings is None or raw.implicit
     if implicit:
         logger.info("%s: implicit feedback, every row is a positive (no min_rating)", source.name)
     cleaned = clean(
-        raw, min_rating=None if implicit else min_rating, min_user_positives=min_user_positives
+        raw,
+        min_rating=None if implicit else min_rating,
+        min_user_positives=min_user_positives,
+        strict=strict,
     )
     dataset = Dataset(
         name=source.name,

@@ -25,6 +25,7 @@ interactions (NCF's split is not fedrec's protocol; fedrec splits the users itse
 
 from __future__ import annotations
 
+import csv
 import enum
 import logging
 from dataclasses import dataclass
@@ -34,14 +35,17 @@ import numpy as np
 
 from common.data import sideinfo
 from common.data.table import (
-    concat_ids,
+    IdBlock,
+    concat_id_blocks,
     iter_chunks,
+    parse_ids,
     read_first_line,
+    read_head,
     sep_name,
     to_float,
-    to_ids,
+    type_ids,
 )
-from common.data.types import RawInteractions, SideInfo
+from common.data.types import BadRowLog, RawInteractions, SideInfo
 from common.errors import DataError
 
 __all__ = ["Format", "Source", "detect_source", "read_rows", "read_source"]
@@ -167,8 +171,29 @@ def _is_movielens_header(path: Path) -> bool:
     return header.startswith("userid,movieid")
 
 
+_INTEGER_IDS = {
+    Format.GROUPLENS_100K: True,
+    Format.GROUPLENS_1M: True,
+    Format.MOVIELENS_CSV: True,
+    Format.NCF: True,
+    Format.RECBOLE: None,
+    Format.PLAIN_CSV: None,
+}
+"""Whether a format's ids are integers (``None``: decided from each id column)."""
+
+
 def read_source(source: Source) -> tuple[RawInteractions, SideInfo]:
-    """Read the interaction rows and whatever side information sits next to them."""
+    """Read the interaction rows and whatever side information sits next to them.
+
+    Bad rows (see :mod:`common.data.cleaning`) found while reading are left out and recorded in
+    ``RawInteractions.bad``; the id columns are typed once, over all the source's files.
+
+    Raises
+    ------
+    DataError
+        For a file that cannot be read as its format (missing header column, binary content,
+        no data rows).
+    """
     readers = {
         Format.RECBOLE: _read_recbole,
         Format.GROUPLENS_100K: _read_grouplens_100k,
@@ -176,27 +201,36 @@ def read_source(source: Source) -> tuple[RawInteractions, SideInfo]:
         Format.MOVIELENS_CSV: _read_movielens_csv,
         Format.PLAIN_CSV: _read_plain,
     }
+    bad = BadRowLog()
     if source.format is Format.NCF:
-        raw, side = _concat_raw([_read_ncf(path) for path in source.files]), SideInfo()
+        tables, side = [_read_ncf(path, bad) for path in source.files], SideInfo()
     else:
-        raw, side = readers[source.format](source.interactions)
-    logger.info("read %d rows from %s (%s)", raw.n_rows, source.interactions, source.format.value)
+        table, side = readers[source.format](source.interactions, bad)
+        tables = [table]
+    raw = _finish(tables, bad, integer=_INTEGER_IDS[source.format])
+    if source.format is Format.NCF:
+        _check_ncf_ratings(raw)
+    logger.info(
+        "read %d rows from %s (%s), %d bad",
+        raw.n_rows + bad.total,
+        source.interactions,
+        source.format.value,
+        bad.total,
+    )
     return raw, side
 
 
-def _concat_raw(parts: list[RawInteractions]) -> RawInteractions:
-    """Rows of several files of one format, in order (the first file names the whole)."""
-    if len(parts) == 1:
-        return parts[0]
-    ratings = [p.ratings for p in parts if p.ratings is not None]
-    times = [p.timestamps for p in parts if p.timestamps is not None]
-    return RawInteractions(
-        path=parts[0].path,
-        users=concat_ids([p.users for p in parts]),
-        items=concat_ids([p.items for p in parts]),
-        ratings=_concat(ratings) if len(ratings) == len(parts) else None,
-        timestamps=_concat(times) if len(times) == len(parts) else None,
-    )
+@dataclass
+class _Table:
+    """The rows of one interaction file that passed the line checks, ids not yet typed."""
+
+    path: Path
+    users: IdBlock
+    items: IdBlock
+    ratings: np.ndarray | None
+    timestamps: np.ndarray | None
+    lines: np.ndarray
+    file_index: int
 
 
 def read_rows(
@@ -210,44 +244,164 @@ def read_rows(
     time_col: int | None,
     skip_lines: int = 0,
     quoting: bool = False,
+    integer_ids: bool | None = None,
 ) -> RawInteractions:
     """Read interaction rows from a delimited table, vectorized per block of lines.
+
+    Bad rows are left out and recorded in ``RawInteractions.bad``; ``integer_ids`` as in
+    :func:`~common.data.table.type_ids`.
 
     Raises
     ------
     DataError
-        On a malformed line (named), binary content, or when there are no data rows.
+        On binary content, or when the file has no data rows at all.
     """
+    bad = BadRowLog()
+    table = _read_table(
+        path,
+        bad,
+        sep=sep,
+        n_fields=n_fields,
+        user_col=user_col,
+        item_col=item_col,
+        rating_col=rating_col,
+        time_col=time_col,
+        skip_lines=skip_lines,
+        quoting=quoting,
+    )
+    return _finish([table], bad, integer=integer_ids)
+
+
+def _read_table(
+    path: Path,
+    bad: BadRowLog,
+    *,
+    sep: str,
+    n_fields: int,
+    user_col: int,
+    item_col: int,
+    rating_col: int | None,
+    time_col: int | None,
+    skip_lines: int = 0,
+    quoting: bool = False,
+) -> _Table:
+    """One file's rows: lines that do not decode, have another field count or an empty id are
+    recorded in ``bad`` and left out."""
     cols = [c for c in (user_col, item_col, rating_col, time_col) if c is not None]
-    users: list[np.ndarray] = []
-    items: list[np.ndarray] = []
+    users: list[IdBlock] = []
+    items: list[IdBlock] = []
     ratings: list[np.ndarray] = []
     times: list[np.ndarray] = []
+    lines: list[np.ndarray] = []
+    index = bad.file(path)
     for chunk in iter_chunks(
-        path, sep=sep, n_fields=n_fields, usecols=cols, skip_lines=skip_lines, quoting=quoting
+        path,
+        sep=sep,
+        n_fields=n_fields,
+        usecols=cols,
+        skip_lines=skip_lines,
+        quoting=quoting,
+        bad=bad,
     ):
-        users.append(to_ids(chunk.columns[0], chunk.lines, path=path, what="user"))
-        items.append(to_ids(chunk.columns[1], chunk.lines, path=path, what="item"))
+        user, item = parse_ids(chunk.columns[0]), parse_ids(chunk.columns[1])
+        empty = _empty(user) | _empty(item)
+        keep: np.ndarray | None = None
+        if empty.any():
+            at = np.flatnonzero(empty)
+            message = f"empty {'user' if _empty(user)[at[0]] else 'item'} id"
+            bad.add("empty_id", chunk.lines[at], message, file_index=index)
+            keep = ~empty
+            user, item = user.take(keep), item.take(keep)
+        users.append(user)
+        items.append(item)
+        lines.append(chunk.lines if keep is None else chunk.lines[keep])
         k = 2
-        if rating_col is not None:
-            ratings.append(to_float(chunk.columns[k]))
-            k += 1
-        if time_col is not None:
-            times.append(to_float(chunk.columns[k]))
-    raw = RawInteractions(
+        for col, out in ((rating_col, ratings), (time_col, times)):
+            if col is not None:
+                values = to_float(chunk.columns[k])
+                out.append(values if keep is None else values[keep])
+                k += 1
+    return _Table(
         path=path,
-        users=concat_ids(users),
-        items=concat_ids(items),
+        users=concat_id_blocks(users),
+        items=concat_id_blocks(items),
         ratings=None if rating_col is None else _concat(ratings),
         timestamps=None if time_col is None else _concat(times),
+        lines=_concat(lines, np.int64),
+        file_index=index,
     )
-    if raw.n_rows == 0:
-        raise DataError("no data rows", path=path)
+
+
+def _empty(block: IdBlock) -> np.ndarray:
+    """``(n,)`` bool: the empty ids of a block."""
+    if block.text is None:
+        return np.zeros(len(block), dtype=bool)
+    return ~block.is_int & (block.text == "")
+
+
+def _finish(tables: list[_Table], bad: BadRowLog, *, integer: bool | None) -> RawInteractions:
+    """The rows of a source's files as one set: ids typed once, bad ids left out."""
+    first = tables[0]
+    if sum(len(t.users) for t in tables) == 0 and bad.total == 0:
+        raise DataError("no data rows", path=first.path)
+    ratings = [t.ratings for t in tables if t.ratings is not None]
+    times = [t.timestamps for t in tables if t.timestamps is not None]
+    user_block = concat_id_blocks([t.users for t in tables])
+    item_block = concat_id_blocks([t.items for t in tables])
+    users, bad_user = type_ids(user_block, integer=integer)
+    items, bad_item = type_ids(item_block, integer=integer)
+    lines = np.concatenate([t.lines for t in tables])
+    file_index = np.concatenate([np.full(t.lines.size, t.file_index) for t in tables])
+    raw = RawInteractions(
+        path=first.path,
+        users=users,
+        items=items,
+        ratings=np.concatenate(ratings) if len(ratings) == len(tables) else None,
+        timestamps=np.concatenate(times) if len(times) == len(tables) else None,
+        lines=lines,
+        file_index=file_index if len(tables) > 1 else None,
+        bad=bad,
+    )
+    wrong = bad_user | bad_item
+    if wrong.any():
+        at = np.flatnonzero(wrong)
+
+        def describe(k: int) -> str:
+            row = int(at[k])
+            what, block = ("user", user_block) if bad_user[row] else ("item", item_block)
+            return f"bad {what} id {block.token(row)!r} (ids here are integers >= 0, below 2**63)"
+
+        bad.add("bad_id", lines[at], describe, file_index=file_index[at])
+        raw = _take(raw, ~wrong)
     return raw
 
 
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
+def _take(raw: RawInteractions, keep: np.ndarray) -> RawInteractions:
+    """The rows of ``raw`` where ``keep`` is true."""
+    return RawInteractions(
+        path=raw.path,
+        users=raw.users[keep],
+        items=raw.items[keep],
+        ratings=None if raw.ratings is None else raw.ratings[keep],
+        timestamps=None if raw.timestamps is None else raw.timestamps[keep],
+        lines=None if raw.lines is None else raw.lines[keep],
+        file_index=None if raw.file_index is None else raw.file_index[keep],
+        bad=raw.bad,
+        implicit=raw.implicit,
+    )
+
+
+def _concat(parts: list[np.ndarray], dtype: type = np.float64) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def _field_count(path: Path, sep: str, *, quoting: bool = False) -> int:
+    """The most common number of fields among the first lines (the first line's on a tie)."""
+    counts: dict[int, int] = {}
+    for line in read_head(path, 1000):
+        n = len(next(csv.reader([line]))) if quoting and '"' in line else len(line.split(sep))
+        counts[n] = counts.get(n, 0) + 1
+    return max(counts, key=lambda n: counts[n]) if counts else 1
 
 
 def _find(names: list[str], wanted: tuple[str, ...]) -> int | None:
@@ -257,7 +411,7 @@ def _find(names: list[str], wanted: tuple[str, ...]) -> int | None:
     return None
 
 
-def _read_recbole(path: Path) -> tuple[RawInteractions, SideInfo]:
+def _read_recbole(path: Path, bad: BadRowLog) -> tuple[_Table, SideInfo]:
     header = read_first_line(path)
     fields = header.split("\t")
     if len(fields) == 1:
@@ -274,8 +428,9 @@ def _read_recbole(path: Path) -> tuple[RawInteractions, SideInfo]:
                 path=path,
                 line=1,
             )
-    raw = read_rows(
+    raw = _read_table(
         path,
+        bad,
         sep="\t",
         n_fields=len(fields),
         user_col=names.index("user_id"),
@@ -287,30 +442,36 @@ def _read_recbole(path: Path) -> tuple[RawInteractions, SideInfo]:
     return raw, sideinfo.read_recbole(path.with_suffix(".user"), path.with_suffix(".item"))
 
 
-def _read_grouplens_100k(path: Path) -> tuple[RawInteractions, SideInfo]:
-    raw = read_rows(path, sep="\t", n_fields=4, user_col=0, item_col=1, rating_col=2, time_col=3)
+def _read_grouplens_100k(path: Path, bad: BadRowLog) -> tuple[_Table, SideInfo]:
+    raw = _read_table(
+        path, bad, sep="\t", n_fields=4, user_col=0, item_col=1, rating_col=2, time_col=3
+    )
     folder = path.parent
     return raw, sideinfo.read_grouplens_100k(
         folder / "u.user", folder / "u.item", folder / "u.genre"
     )
 
 
-def _read_grouplens_1m(path: Path) -> tuple[RawInteractions, SideInfo]:
-    raw = read_rows(path, sep="::", n_fields=4, user_col=0, item_col=1, rating_col=2, time_col=3)
+def _read_grouplens_1m(path: Path, bad: BadRowLog) -> tuple[_Table, SideInfo]:
+    raw = _read_table(
+        path, bad, sep="::", n_fields=4, user_col=0, item_col=1, rating_col=2, time_col=3
+    )
     return raw, sideinfo.read_grouplens_1m(path.parent / "users.dat", path.parent / "movies.dat")
 
 
-def _read_ncf(path: Path) -> RawInteractions:
-    """An NCF ``.rating`` file: every row is a positive, so the result has no ratings."""
-    n_fields = len(read_first_line(path).split("\t"))
+def _read_ncf(path: Path, bad: BadRowLog) -> _Table:
+    """An NCF ``.rating`` file (its ratings are checked, then ignored: see
+    :func:`_check_ncf_ratings`)."""
+    n_fields = _field_count(path, "\t")
     if n_fields < 2:
         raise DataError(
             "expected 2 to 4 tab-separated fields (user item [rating [timestamp]]), found 1",
             path=path,
             line=1,
         )
-    raw = read_rows(
+    return _read_table(
         path,
+        bad,
         sep="\t",
         n_fields=n_fields,
         user_col=0,
@@ -318,23 +479,29 @@ def _read_ncf(path: Path) -> RawInteractions:
         rating_col=2 if n_fields > 2 else None,
         time_col=3 if n_fields > 3 else None,
     )
-    if raw.ratings is not None:
-        other = int(np.count_nonzero(raw.ratings != 1.0))
-        if other:
-            logger.warning(
-                "%s: %d rows have a rating other than 1; NCF rows are all positives, so the "
-                "ratings are ignored (convert the file to CSV to binarize by rating)",
-                path,
-                other,
-            )
-        raw.ratings = None
-    return raw
 
 
-def _read_movielens_csv(path: Path) -> tuple[RawInteractions, SideInfo]:
+def _check_ncf_ratings(raw: RawInteractions) -> None:
+    """NCF rows are all positives: mark ``raw`` implicit, warning about ratings other than 1."""
+    if raw.ratings is None:
+        return
+    r = raw.ratings
+    other = int(np.count_nonzero(np.isfinite(r) & (r >= 0) & (r != 1.0)))
+    if other:
+        logger.warning(
+            "%s: %d rows have a rating other than 1; NCF rows are all positives, so the "
+            "ratings are ignored (convert the file to CSV to binarize by rating)",
+            raw.path,
+            other,
+        )
+    raw.implicit = True
+
+
+def _read_movielens_csv(path: Path, bad: BadRowLog) -> tuple[_Table, SideInfo]:
     names = [f.strip().lower() for f in read_first_line(path).split(",")]
-    raw = read_rows(
+    raw = _read_table(
         path,
+        bad,
         sep=",",
         n_fields=len(names),
         user_col=names.index("userid"),
@@ -347,7 +514,7 @@ def _read_movielens_csv(path: Path) -> tuple[RawInteractions, SideInfo]:
     return raw, sideinfo.read_plain(None, path.parent / "movies.csv")
 
 
-def _read_plain(path: Path) -> tuple[RawInteractions, SideInfo]:
+def _read_plain(path: Path, bad: BadRowLog) -> tuple[_Table, SideInfo]:
     first = read_first_line(path)
     sep = _PLAIN_SUFFIXES.get(path.suffix.lower(), ",")
     if sep == "," and "," not in first:
@@ -373,15 +540,18 @@ def _read_plain(path: Path) -> tuple[RawInteractions, SideInfo]:
                 )
         rating_col = _find_like(names, _RATING_NAMES, "rating")
         time_col = _find_like(names, _TIME_NAMES, "time")
-    else:
+        n_fields = len(fields)
+    else:  # no header: the field count of most lines (the first line may be a bad row)
+        n_fields = max(2, _field_count(path, sep, quoting=sep == ","))
         user_col, item_col = 0, 1
-        rating_col = 2 if len(fields) > 2 else None
-        time_col = 3 if len(fields) > 3 else None
+        rating_col = 2 if n_fields > 2 else None
+        time_col = 3 if n_fields > 3 else None
     assert user_col is not None and item_col is not None
-    raw = read_rows(
+    raw = _read_table(
         path,
+        bad,
         sep=sep,
-        n_fields=len(fields),
+        n_fields=n_fields,
         user_col=user_col,
         item_col=item_col,
         rating_col=rating_col,

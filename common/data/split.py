@@ -6,6 +6,10 @@ WWW 2018), section 4.2 and the authors' ``vae_cf`` notebook: users are shuffled;
 train users interacted with. Each held-out user with at least 5 items has
 ``int(holdout_fraction * n)`` of them drawn (without replacement) as the holdout to predict; the
 rest is folded in. Users with fewer than 5 items are folded in entirely (empty holdout).
+
+A split depends only on the cleaned dataset (its users in id order, its matrix) and the seed:
+rows that cleaning dropped, whatever their ids looked like, cannot change it (see
+:mod:`common.data.cleaning`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import numpy as np
 
 from common.data.types import Dataset
 
-__all__ = ["QUANTILES", "count_quantiles", "dataset_stats"]
+__all__ = ["QUANTILES", "cleaning_record", "count_quantiles", "dataset_stats"]
 
 QUANTILES = (("min", 0.0), ("25%", 0.25), ("50%", 0.5), ("75%", 0.75), ("90%", 0.9),
              ("99%", 0.99), ("max", 1.0))  # fmt: skip
@@ -48,4 +48,22 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
         "per_user": count_quantiles(np.diff(ds.matrix.indptr)),
         "per_item": count_quantiles(ds.matrix.getnnz(axis=0)),
         "cleaning": ds.report.as_dict(),
+    }
+
+
+def cleaning_record(ds: Dataset) -> dict[str, Any]:
+    """The cleaning report of ``ds`` as written into a run folder (``data/cleaning.json``).
+
+    Returns
+    -------
+    dict
+        ``dataset`` (name, sha256, source file name), ``min_rating``, then the fields of
+        :meth:`~common.data.types.CleaningReport.as_dict`: ``rows_read``, ``bad_rows_dropped``,
+        ``bad_rows`` (per reason ``count`` and ``first`` ``file:line``), and the protocol's own
+        drops. JSON-able as is.
+    """
+    return {
+        "dataset": {"name": ds.name, "sha256": ds.sha256, "source": ds.source.name},
+        "min_rating": ds.min_rating,
+        **ds.report.as_dict(),
     }

@@ -5,7 +5,9 @@
 - :mod:`.mechanism`: clip, noise and pre-scale an update (DP-FedAvg, McMahan et al. 2018).
 - :mod:`.plan`: a run's resolved privacy parameters (:class:`DPPlan`).
 - :mod:`.rounds`: what one round costs, as the typed ledger record of the round.
-- :mod:`.ledger`: the hash-chained ledger file; :mod:`.audit`: ``fedrec audit verify``.
+- :mod:`.ledger`: the hash-chained ledger file; :mod:`.signing`: its Ed25519 signatures and the
+  committee's co-signatures; :mod:`.audit`: ``fedrec audit verify``, with the cross-checks
+  against the run's config (:mod:`.crosscheck`) and a device's own record (:mod:`.device`).
 - :mod:`.empirical`: the one-run canary audit's statistics (Steinke, Nasr and Jagielski 2023).
 
 See docs/design.md, "Privacy accounting".

@@ -18,6 +18,26 @@ epsilon of the whole), :class:`RdpTracker`, :func:`merged_history` and
 Every privacy parameter is keyword-only and checked at the boundary (:mod:`._checks`):
 ``math.isfinite`` on every float (NaN passes ``x <= 0``), ``epsilon > 0``, ``0 < delta < 1``,
 ``noise_multiplier >= 0``, ``0 < q <= 1``. Violations raise ``ValueError`` naming the parameter.
+
+Every epsilon this module returns is ``>= 0`` and never NaN (``math.inf`` only for a step without
+noise, or where RDP itself is unbounded). The rules, all of which keep the result a valid
+(epsilon, delta)-DP bound:
+
+- **Clamped at 0.** (epsilon, delta)-DP, ``P[M(D) in S] <= e^epsilon P[M(D') in S] + delta``
+  (Dwork and Roth 2014, Definition 2.4), only weakens as epsilon grows, so a mechanism the
+  accountant shows to be (epsilon', delta)-DP with epsilon' < 0 is (0, delta)-DP. RDP's
+  conversion (Balle et al. 2020, Theorem 21) goes below 0 when delta is large (e.g. -0.0044 for
+  z=23.8, q=0.5, one step, delta=0.0156), and PRV's upper bound goes below 0 where the true
+  epsilon is 0 up to its ``eps_error`` (-0.002 there); both are reported as 0.
+- **PRV is capped by RDP** in :meth:`PrivacyAccountant.epsilon_prv` (the reported epsilon).
+  Both are upper bounds of the same mechanism's epsilon, so the smaller one is valid too; a PRV
+  value above RDP is within its discretisation error (``eps_error``).
+- **PRV falls back to RDP** (with a logged warning) where its grid would be too large
+  (:class:`GridTooLargeError`), its numerics fail (Opacus raises) or it returns NaN or an
+  infinite value: a conservative number, never a wrong one.
+- **NaN is refused.** An RDP epsilon that comes out NaN raises ``ValueError`` naming the
+  accountant and the history, instead of reaching a ledger or a budget check (``NaN <= budget``
+  is False, ``NaN > budget`` is False too).
 """
 
 from __future__ import annotations
@@ -67,7 +87,8 @@ Opacus's own default and negligible next to typical budgets (epsilon 1 to 10).""
 PRV_MAX_GRID_POINTS = 10_000_000
 """Largest PRV discretisation grid (points) :func:`compute_epsilon` agrees to build: about 20 s and
 1 GB. The grid grows with epsilon, so only epsilons far beyond any useful budget (hundreds) hit it,
-e.g. z=0.3, q=0.5 over 10,000 rounds (RDP epsilon about 29,000); those raise ``ValueError``."""
+e.g. z=0.3, q=0.5 over 10,000 rounds (RDP epsilon about 29,000); for those
+:func:`compute_epsilon` reports the RDP epsilon, which also bounds PRV's."""
 
 
 class AccountantKind(StrEnum):
@@ -103,7 +124,47 @@ class MechanismStep:
 
 
 class GridTooLargeError(ValueError):
-    """The PRV grid for this history exceeds :data:`PRV_MAX_GRID_POINTS` (epsilon is huge)."""
+    """The PRV grid for this history exceeds :data:`PRV_MAX_GRID_POINTS` (epsilon is huge).
+
+    Raised inside the PRV accountant before the grid is allocated; :func:`compute_epsilon`
+    catches it and reports the RDP epsilon instead.
+    """
+
+
+def _non_negative_epsilon(raw: float, *, accountant: AccountantKind, what: str) -> float:
+    """``raw`` as a valid epsilon: 0 where it is below 0, ``ValueError`` where it is NaN.
+
+    Clamping is exact, not an approximation: (epsilon, delta)-DP implies (epsilon'', delta)-DP
+    for every epsilon'' >= epsilon (Dwork and Roth 2014, Definition 2.4), so a negative bound
+    from Balle et al. 2020, Theorem 21 (RDP, large delta) or from the upper end of PRV's error
+    interval (Gopi et al. 2021, true epsilon 0 up to ``eps_error``) certifies epsilon 0.
+
+    Parameters
+    ----------
+    raw : float
+        The accountant's epsilon.
+    accountant : AccountantKind
+        Which accountant computed it (named in the error).
+    what : str
+        The history it was computed for (named in the error).
+
+    Raises
+    ------
+    ValueError
+        If ``raw`` is NaN or -inf (the accountant's numerics failed).
+    """
+    if math.isnan(raw) or raw == -math.inf:
+        raise ValueError(f"{accountant} accountant returned epsilon {raw} for {what}")
+    return max(float(raw), 0.0)
+
+
+def _describe(history: Sequence[MechanismStep], delta: float) -> str:
+    """A short description of a history for error messages: its first steps and delta."""
+    shown = ", ".join(
+        f"(z={s.noise_multiplier:.6g}, q={s.sample_rate:.6g}, steps={s.steps})" for s in history[:3]
+    )
+    more = f" and {len(history) - 3} more steps" if len(history) > 3 else ""
+    return f"history [{shown}{more}] at delta={delta:.6g}"
 
 
 @functools.cache
@@ -124,8 +185,7 @@ def _bounded_prv_accountant() -> type[IAccountant]:
             if domain.size > PRV_MAX_GRID_POINTS:
                 raise GridTooLargeError(
                     f"PRV accountant would need {domain.size:,} grid points "
-                    f"(limit {PRV_MAX_GRID_POINTS:,}): epsilon is far beyond any useful budget; "
-                    "use AccountantKind.RDP for such histories"
+                    f"(limit {PRV_MAX_GRID_POINTS:,}): epsilon is far beyond any useful budget"
                 )
             return domain
 
@@ -153,6 +213,11 @@ def compute_epsilon(
     Lee and Wutschitz 2021) with ``eps_error =`` :data:`PRV_EPS_ERROR` and Opacus's default
     ``delta_error = delta / 1000``, returning the upper end of the PRV error interval.
 
+    The result is a valid bound that is never negative nor NaN (module docstring): a negative
+    value is clamped to 0, and PRV is replaced by the RDP epsilon, which also bounds it (with a
+    logged warning), where PRV cannot evaluate the history (its grid would exceed
+    :data:`PRV_MAX_GRID_POINTS`, its numerics fail, or it returns NaN).
+
     Parameters
     ----------
     history : Sequence[MechanismStep]
@@ -165,13 +230,13 @@ def compute_epsilon(
     Returns
     -------
     float
-        Epsilon; 0.0 for an empty history, ``math.inf`` if any step has noise multiplier 0.
+        Epsilon, >= 0; 0.0 for an empty history, ``math.inf`` if any step has noise multiplier 0.
 
     Raises
     ------
     ValueError
-        If ``delta`` is out of range, or the PRV accountant cannot evaluate the history (its grid
-        would exceed :data:`PRV_MAX_GRID_POINTS`, or its numerics fail).
+        If ``delta`` is out of range, ``accountant`` is unknown, or the RDP epsilon (PRV's
+        fallback) comes out NaN.
     """
     check_delta("delta", delta)
     kind = AccountantKind(accountant)
@@ -179,20 +244,41 @@ def compute_epsilon(
         return 0.0
     if any(step.noise_multiplier == 0 for step in history):
         return math.inf
-    acc = _new_accountant(kind)
     # Opacus 1.6 history format: (noise_multiplier, sample_rate, steps), one entry per run of
     # identical steps; both accountants compose the entries.
-    acc.history = [(step.noise_multiplier, step.sample_rate, step.steps) for step in history]
+    entries = [(step.noise_multiplier, step.sample_rate, step.steps) for step in history]
     if kind is AccountantKind.RDP:
-        return float(acc.get_epsilon(delta))
+        return _rdp_epsilon(entries, delta=delta, what=_describe(history, delta))
+    acc = _new_accountant(AccountantKind.PRV)
+    acc.history = entries
     try:
         # q = 1 makes the PRV take log(0) = -inf, which it handles; silence only that warning.
         with np.errstate(divide="ignore"):
-            return float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
-    except GridTooLargeError:
-        raise
-    except (RuntimeError, ValueError, FloatingPointError) as err:
-        raise ValueError(f"PRV accountant failed for this history: {err}") from err
+            prv = float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+        if not math.isfinite(prv):  # NaN is no bound; RDP is a tighter one than inf
+            raise FloatingPointError(f"it returned {prv}")
+    except (RuntimeError, ValueError, FloatingPointError) as err:  # GridTooLargeError included
+        # RDP is computed only here, not to cap every PRV value: it costs a third of a PRV
+        # evaluation, and the calibration evaluates PRV about 8 times.
+        rdp = _rdp_epsilon(entries, delta=delta, what=_describe(history, delta))
+        logger.warning(
+            "PRV accountant failed for %s (%s); using the RDP epsilon %.6g, which also bounds it",
+            _describe(history, delta),
+            err,
+            rdp,
+        )
+        return rdp
+    # the upper end of PRV's interval: below 0 only where the true epsilon is 0 up to eps_error
+    return _non_negative_epsilon(prv, accountant=AccountantKind.PRV, what=_describe(history, delta))
+
+
+def _rdp_epsilon(entries: list[tuple[float, float, int]], *, delta: float, what: str) -> float:
+    """RDP epsilon of Opacus history ``entries`` at ``delta``, clamped at 0, never NaN."""
+    acc = _new_accountant(AccountantKind.RDP)
+    acc.history = list(entries)
+    return _non_negative_epsilon(
+        float(acc.get_epsilon(delta)), accountant=AccountantKind.RDP, what=what
+    )
 
 
 def default_delta(population: int) -> float:
@@ -276,13 +362,25 @@ class RdpTracker:
         self.rdp = self.rdp + step.steps * _rdp_curve(step.noise_multiplier, step.sample_rate)
 
     def epsilon(self, delta: float) -> float:
-        """Epsilon at ``delta`` of everything added so far (0 for nothing)."""
+        """Epsilon at ``delta`` of everything added so far (0 for nothing), >= 0.
+
+        Clamped at 0 where the conversion of Balle et al. 2020, Theorem 21 goes below it (large
+        delta; see :func:`_non_negative_epsilon`), as :func:`compute_epsilon` does.
+
+        Raises
+        ------
+        ValueError
+            If ``delta`` is out of range or the conversion comes out NaN.
+        """
         from opacus.accountants.analysis.rdp import get_privacy_spent
 
+        check_delta("delta", delta)
         if not np.any(self.rdp):
             return 0.0
         eps, _ = get_privacy_spent(orders=self.orders, rdp=self.rdp, delta=delta)
-        return float(eps)
+        return _non_negative_epsilon(
+            float(eps), accountant=AccountantKind.RDP, what=f"the tracked history at delta={delta}"
+        )
 
 
 class PrivacyAccountant:
@@ -317,36 +415,36 @@ class PrivacyAccountant:
 
     @property
     def epsilon_rdp(self) -> float:
-        """RDP epsilon of the history at :attr:`delta` (0 for an empty history)."""
+        """RDP epsilon of the history at :attr:`delta` (0 for an empty history), >= 0."""
         return self._rdp.epsilon(self.delta)
 
     def epsilon_prv(self) -> float:
-        """PRV epsilon of the whole (merged) history, capped by the RDP epsilon.
+        """PRV epsilon of the whole (merged) history, capped by the RDP epsilon, >= 0.
 
-        Falls back to RDP, with a warning, where the PRV accountant cannot evaluate the history.
+        :func:`compute_epsilon` already clamps at 0 and falls back to RDP, with a warning, where
+        the PRV accountant cannot evaluate the history. The cap by :attr:`epsilon_rdp` is valid
+        since both bound the same epsilon, and keeps the claimed PRV epsilon at or below the
+        claimed RDP one.
         """
         if not self.history:
             return 0.0
         rdp = self.epsilon_rdp
-        try:
-            prv = compute_epsilon(
-                merged_history(self.history), delta=self.delta, accountant=AccountantKind.PRV
-            )
-        except ValueError as err:
-            logger.warning("PRV accountant failed (%s); reporting RDP", err)
-            return rdp
-        return min(prv, rdp) if math.isfinite(prv) else rdp
+        prv = compute_epsilon(
+            merged_history(self.history), delta=self.delta, accountant=AccountantKind.PRV
+        )
+        return min(prv, rdp)
 
 
 @functools.lru_cache(maxsize=256)
 def client_epsilon_after(
     *, server_round: int, noise_multiplier: float, sample_rate: float, delta: float
 ) -> float:
-    """A client's epsilon once round ``server_round`` has run (RDP, an upper bound of PRV).
+    """A client's epsilon once round ``server_round`` has run (RDP, an upper bound of PRV), >= 0.
 
     Every round counts, sampled or not: the guarantee of Poisson subsampling composes over all
     rounds at rate q (the client cannot see rounds it was not invited to, so it counts them
-    from the round number). Each client's budget guard and the in-process engine use it.
+    from the round number). Each client's budget guard and the in-process engine use it. Never
+    negative nor NaN (:func:`compute_epsilon`), so a guard's ``epsilon > budget`` is meaningful.
     """
     return compute_epsilon(
         [MechanismStep(noise_multiplier, sample_rate, server_round)],

@@ -9,24 +9,35 @@ The auditor trusts nothing the server computed. From ``RUN_DIR/ledger.jsonl`` (s
 2. the header is first, well formed and unique;
 3. every ``prev`` is the SHA-256 of the previous line's bytes (an edited line changes its hash;
    a removed or reordered line breaks the link after it);
-4. rounds are numbered 1..n with no gap or duplicate, and a final line, if any, is last;
-5. every round's fields are in range and the derived ones agree (m = q * N and
+4. signatures (:mod:`common.privacy.signing`): when the header holds a ``server_key``, every
+   line carries a valid server signature, and every committee co-signature of a round is valid,
+   by a registered device key (when the auditor has the registry), and states that round's
+   run, participant count and mechanism; an unsigned ledger passes with a warning, or fails
+   with ``require_signed``;
+5. rounds are numbered 1..n with no gap or duplicate, and a final line, if any, is last;
+6. every round's fields are in range and the derived ones agree (m = q * N and
    z_eff = z * sqrt(participated / m) at client level), so editing a count and rewriting the
    whole chain still fails;
-6. the final line has ``rounds == n``, the right ``chain``, and repeats the last round's claims;
-7. RDP epsilon, recomputed round by round from the effective multipliers, equals every round's
+7. the final line has ``rounds == n``, the right ``chain``, and repeats the last round's claims;
+8. the header's population is the partition's, when given, and every round agrees with the
+   header's config: mode, number of rounds, delta, z (recalibrated for a target epsilon), C, q,
+   and ``released`` whenever an update came back (:mod:`common.privacy.crosscheck`), so a
+   ledger rewritten consistently with the project's own code still fails;
+9. a device's own record (``device_ledger``), when given: every round it took part in is in the
+   ledger with the same mechanism, and its committee co-signatures are in the ledger's lines;
+10. RDP epsilon, recomputed round by round from the effective multipliers, equals every round's
    claimed ``epsilon_rdp`` to ``tolerance`` (relative), and claimed epsilons never decrease
    (beyond ``PRV_EPSILON_SLACK``);
-8. PRV epsilon (the reported one), recomputed once for the whole run, is not above the last
+11. PRV epsilon (the reported one), recomputed once for the whole run, is not above the last
    round's and the final line's claim by more than PRV's numerical error;
-9. the recomputed PRV epsilon is within ``budget``, if one is given.
+12. the recomputed PRV epsilon is within ``budget``, if one is given.
 
 Cost. PRV composition of n heterogeneous rounds is expensive and recomputing it at every round
 would be O(n^2), so PRV is recomputed once, at the last round; intermediate PRV claims are only
 checked to be non-decreasing. RDP is cheap and incremental (one RDP curve per distinct
 (z_eff, q), summed), so every round's RDP claim is checked. Rounds with equal (z_eff, q) are
 merged before composing, which is exact: composition is commutative. Accounting is skipped once
-an integrity check (1-6) fails; the numbers of an altered ledger mean nothing.
+an integrity check (1-9) fails; the numbers of an altered ledger mean nothing.
 
 Known limit: a ledger cut right after a round line, with its final line (and maybe more rounds)
 removed, is indistinguishable from a run that is still going or crashed; it reports
@@ -53,8 +64,11 @@ from common.privacy.accounting import (
     compute_epsilon,
     merged_history,
 )
+from common.privacy.crosscheck import check_against_config, population_problem, read_partition
+from common.privacy.device import device_ledger_problem, read_device_ledger
 from common.privacy.ledger import (
     LEDGER_FILENAME,
+    SIGNATURES_FIELD,
     LedgerLine,
     LedgerMode,
     chain_digest,
@@ -62,6 +76,15 @@ from common.privacy.ledger import (
     history_from_ledger,
     read_ledger_lines,
     round_problem,
+    signed_body,
+)
+from common.privacy.signing import (
+    DEVICE_REGISTRY_FILE,
+    SIGNING_DIR,
+    Cosignature,
+    cosignature_problem,
+    read_device_registry,
+    verify_signature,
 )
 
 __all__ = [
@@ -117,7 +140,12 @@ class AuditReport:
     checks:
         ``(name, passed, detail)`` for each check run, in order.
     warnings:
-        What the auditor should know that fails no check (seeded, non-private noise).
+        What the auditor should know that fails no check (seeded, non-private noise, an
+        unsigned ledger, what could not be checked).
+    signed:
+        Whether every line carries a valid server signature.
+    cosigned_rounds:
+        Round lines co-signed by their decryption committee (valid co-signatures).
     """
 
     status: AuditStatus
@@ -130,6 +158,8 @@ class AuditReport:
     budget: float | None = None
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    signed: bool = False
+    cosigned_rounds: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able dict; a non-finite epsilon becomes ``null`` (see ``status``/``mode``)."""
@@ -148,6 +178,8 @@ class AuditReport:
                 for name, passed, detail in self.checks
             ],
             "warnings": list(self.warnings),
+            "signed": self.signed,
+            "cosigned_rounds": self.cosigned_rounds,
         }
 
 
@@ -165,6 +197,11 @@ def verify_ledger(
     budget: float | None = None,
     tolerance: float = 1e-6,
     on_progress: Callable[[str], None] | None = None,
+    partition: Path | None = None,
+    device_keys: Path | None = None,
+    device_ledger: Path | None = None,
+    require_signed: bool = False,
+    server_key: str | None = None,
 ) -> AuditReport:
     """Check a ledger's integrity and recompute its epsilon (see the module docstring).
 
@@ -179,6 +216,20 @@ def verify_ledger(
     on_progress:
         Called with a short description of each slow step as it starts (reading the ledger,
         recomputing RDP, recomputing PRV), e.g. to tell a user what a long audit is doing.
+    partition:
+        The run's partition (``RUN_DIR/data/clients.npz``, its folder or the run folder), for
+        checking the header's population; ``None``: the population is reported as not checked.
+    device_keys:
+        The registered device public keys (:func:`common.privacy.signing.read_device_registry`)
+        that committee co-signatures must come from; default ``signing/devices.json`` beside the
+        ledger when there is one, else co-signatures are checked against the keys they carry.
+    device_ledger:
+        A device's own record (``HISTORY.csv.fedrec-ledger.json``) to check against the ledger.
+    require_signed:
+        Fail an unsigned ledger (by default it passes with a warning).
+    server_key:
+        The server's ledger key (hex) as the auditor got it from the operator, not from the
+        ledger: the header's ``server_key`` must be it (implies ``require_signed``).
 
     Returns
     -------
@@ -189,6 +240,8 @@ def verify_ledger(
     ------
     ValueError
         If ``budget`` is not a finite number > 0 or ``tolerance`` not a finite number >= 0.
+    DataError
+        If ``partition``, ``device_keys`` or ``device_ledger`` is given but cannot be read.
     """
     if budget is not None and (not math.isfinite(budget) or budget <= 0):
         raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
@@ -197,7 +250,17 @@ def verify_ledger(
     path = Path(path)
     if path.is_dir():
         path = path / LEDGER_FILENAME
-    return _Audit(path, budget=budget, tolerance=tolerance, on_progress=on_progress).run()
+    audit = _Audit(path, budget=budget, tolerance=tolerance, on_progress=on_progress)
+    audit.silo_sizes = None if partition is None else read_partition(Path(partition))
+    registry = path.parent / SIGNING_DIR / DEVICE_REGISTRY_FILE
+    if device_keys is not None or registry.is_file():
+        audit.registry_path = Path(device_keys) if device_keys is not None else registry
+        audit.registry = read_device_registry(audit.registry_path)
+    if device_ledger is not None:
+        audit.device_entries = read_device_ledger(Path(device_ledger))
+    audit.require_signed = require_signed or server_key is not None
+    audit.server_key = server_key
+    return audit.run()
 
 
 class _Audit:
@@ -218,6 +281,12 @@ class _Audit:
         self.lines: list[LedgerLine] = []
         self.rounds: list[dict[str, Any]] = []
         self.final: dict[str, Any] | None = None
+        self.silo_sizes: list[int] | None = None
+        self.registry: dict[str, str] | None = None
+        self.registry_path: Path | None = None
+        self.device_entries: list[dict[str, Any]] | None = None
+        self.require_signed = False
+        self.server_key: str | None = None
 
     def run(self) -> AuditReport:
         report = self.report
@@ -237,10 +306,15 @@ class _Audit:
             # all integrity checks run (a full report), accounting only if they all pass
             integrity = [
                 self._check_chain(),
+                self._check_signatures(),
                 self._check_structure(),
                 self._check_round_fields(int(header["population"])),
             ]
             ok = all(integrity) and self._check_final()
+            # the rounds against the run's own config and partition (common.privacy.crosscheck)
+            ok = ok and all([self._check_population(header), self._check_config(header)])
+            if ok and self.device_entries is not None:
+                ok = self._check_device_ledger(header, self.device_entries)
             report.rounds = len(self.rounds)
             report.claimed_epsilon = self._claimed_epsilon()
         ok = ok and self._check_accounting()
@@ -300,6 +374,68 @@ class _Audit:
                 )
         return self._add("hash chain", True, f"{len(self.lines) - 1} links")
 
+    def _check_signatures(self) -> bool:
+        header, report = self.lines[0].record, self.report
+        key = header.get("server_key")
+        if key is None:
+            signed = [line.number for line in self.lines if SIGNATURES_FIELD in line.record]
+            if signed:
+                return self._add(
+                    "signatures",
+                    False,
+                    f"line {signed[0]}: signatures, but the header names no server_key",
+                )
+            if self.require_signed:
+                return self._add("signatures", False, "the ledger is unsigned (no server_key)")
+            report.warnings.append(
+                "unsigned ledger (no server_key in the header): its hash chain shows edits, but "
+                "anyone can rewrite and rehash it consistently"
+            )
+            return self._add("signatures", True, "unsigned (an older run)")
+        if self.server_key is not None and key != self.server_key.strip().lower():
+            return self._add(
+                "signatures",
+                False,
+                f"the header's server_key {key[:16]}... is not the server key given",
+            )
+        registered = None if self.registry is None else set(self.registry.values())
+        cosigned = rounds = 0
+        for line in self.lines:
+            rec, where = line.record, f"line {line.number}"
+            signatures = rec.get(SIGNATURES_FIELD)
+            server = signatures.get("server") if isinstance(signatures, dict) else None
+            if not isinstance(server, str):
+                return self._add("signatures", False, f"{where}: no server signature")
+            if not verify_signature(key, server, signed_body(rec)):
+                return self._add(
+                    "signatures",
+                    False,
+                    f"{where}: the server signature does not verify (the line was changed "
+                    "after it was signed, or signed with another key)",
+                )
+            rounds += rec.get("type") == "round"
+            assert isinstance(signatures, dict)
+            if "committee" in signatures:
+                problem = _committee_problem(
+                    signatures["committee"], rec, header=header, registered=registered
+                )
+                if problem is not None:
+                    return self._add("signatures", False, f"{where}: {problem}")
+                cosigned += 1
+        report.signed, report.cosigned_rounds = True, cosigned
+        if cosigned and registered is None:
+            report.warnings.append(
+                "committee co-signatures checked against the keys they carry only: no device "
+                "key registry (give --device-keys)"
+            )
+        source = "" if self.registry_path is None else f", device keys of {self.registry_path}"
+        return self._add(
+            "signatures",
+            True,
+            f"server key {key[:16]}...: all {len(self.lines)} lines signed; {cosigned} of "
+            f"{rounds} rounds co-signed by their committee{source}",
+        )
+
     def _check_structure(self) -> bool:
         for line in self.lines[1:]:
             rec, kind = line.record, line.record.get("type")
@@ -357,6 +493,37 @@ class _Audit:
                     f"final {key} {final.get(key)!r} is not the last round's {last[key]!r}",
                 )
         return self._add("final line", True, f"{n} rounds, chain digest matches")
+
+    def _check_population(self, header: dict[str, Any]) -> bool:
+        population = header["population"]
+        if self.silo_sizes is None:  # a note, not a warning: most audits have no partition
+            return self._add(
+                "population",
+                True,
+                f"{population}, not checked against the run's partition (give --partition)",
+            )
+        problem = population_problem(header, self.silo_sizes)
+        if problem is not None:
+            return self._add("population", False, problem)
+        return self._add("population", True, f"{population}, as in the partition")
+
+    def _check_config(self, header: dict[str, Any]) -> bool:
+        self._progress("checking the rounds against the run's config")
+        findings = check_against_config(
+            header, self.rounds, finished=self.final is not None, silo_sizes=self.silo_sizes
+        )
+        self.report.warnings.extend(findings.warnings)
+        if findings.problem is not None:
+            return self._add("config", False, findings.problem)
+        return self._add("config", True, findings.detail)
+
+    def _check_device_ledger(self, header: dict[str, Any], entries: list[dict[str, Any]]) -> bool:
+        problem, checked = device_ledger_problem(header, self.lines, entries)
+        if problem is not None:
+            return self._add("device ledger", False, problem)
+        return self._add(
+            "device ledger", True, f"{checked} of the device's rounds match the ledger's lines"
+        )
 
     def _claimed_epsilon(self) -> float:
         if self.mode is LedgerMode.OFF:
@@ -464,6 +631,41 @@ class _Audit:
                 "budget", False, f"epsilon {epsilon:.6g} exceeds the budget {budget:g}"
             )
         return self._add("budget", True, f"epsilon {epsilon:.6g} <= budget {budget:g}")
+
+
+def _committee_problem(
+    committee: Any,
+    line: dict[str, Any],
+    *,
+    header: dict[str, Any],
+    registered: set[str] | None,
+) -> str | None:
+    """What is wrong with a round line's committee co-signatures, or ``None``."""
+    if line.get("type") != "round" or not isinstance(committee, list) or not committee:
+        return "committee co-signatures belong to a round line, as a non-empty list"
+    keys, sums = set(), set()
+    for record in committee:
+        cosignature = Cosignature.from_record(record)
+        if cosignature is None:
+            return "a committee co-signature is malformed"
+        problem = cosignature_problem(
+            cosignature,
+            line=line,
+            run_id=header["run_id"],
+            server_key=header["server_key"],
+            delta=header["delta"],
+        )
+        if problem is not None:
+            return f"a committee co-signature does not hold: {problem}"
+        if registered is not None and cosignature.key not in registered:
+            return f"co-signed by key {cosignature.key[:16]}..., not a registered device key"
+        if cosignature.key in keys:
+            return f"key {cosignature.key[:16]}... co-signs twice"
+        keys.add(cosignature.key)
+        sums.add(cosignature.statement["sum_sha256"])
+    if len(sums) > 1:
+        return "the committee's members state different sums"
+    return None
 
 
 @functools.lru_cache(maxsize=16)

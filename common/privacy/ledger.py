@@ -18,12 +18,20 @@ so editing, removing or reordering a line breaks the chain at the next line.
   ``effective_noise_multiplier`` (z * sqrt(participated / m) at client level, docs/design.md,
   "One training round", step 6), ``steps`` (1 at client level; DP-SGD steps at example level),
   ``mechanism`` (``"subsampled-gaussian"``), ``released`` and the cumulative ``epsilon`` (PRV,
-  claimed) and ``epsilon_rdp`` after this round. A round where nothing was released (too few
-  participants, the decryption committee disagreed) has ``released: false`` and is not charged:
-  nothing computed from the data left the server, so its epsilon equals the previous round's. With
+  claimed) and ``epsilon_rdp`` after this round. A round is released (charged) as soon as one
+  update came back, even if the sum is then discarded (docs/design.md, "Privacy accounting"); a
+  round in which none came back has ``released: false``, records the configured z and is not
+  charged, so its epsilon equals the previous round's. With
   ``mode: "off"`` the epsilons are ``null`` (unbounded: JSON has no infinity).
 - ``final`` (last line, once, at a clean end): ``rounds`` (n), ``epsilon``, ``epsilon_rdp`` and
   ``chain``: :func:`chain_digest` of the hashes of every line before it, header included.
+
+Signatures (:mod:`common.privacy.signing`). A writer given a :class:`LineSigner` puts its public
+key in the header (``server_key``, ``signature_scheme``) and signs every line: ``signatures`` is
+``{"server": hex}`` over :func:`signed_body` (the canonical JSON of the line without
+``signatures``), and a round line may add ``"committee"``: the decryption committee's
+co-signatures of what it released. ``prev`` and ``chain`` hash the whole line, signatures
+included. A ledger without ``server_key`` is unsigned (older runs).
 
 A line is written with one ``os.write`` of its full bytes on an ``O_APPEND`` descriptor, then
 ``fsync``: a crash leaves at most one incomplete last line, which readers report as an error
@@ -42,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from common.errors import DataError
 from common.privacy.accounting import AccountantKind, MechanismStep
@@ -53,9 +61,11 @@ __all__ = [
     "LEDGER_FILENAME",
     "LEDGER_FORMAT",
     "MECHANISM",
+    "SIGNATURES_FIELD",
     "LedgerLine",
     "LedgerMode",
     "LedgerWriter",
+    "LineSigner",
     "canonical_json",
     "chain_digest",
     "header_problem",
@@ -64,6 +74,7 @@ __all__ = [
     "read_ledger",
     "read_ledger_lines",
     "round_problem",
+    "signed_body",
 ]
 
 LEDGER_FILENAME = "ledger.jsonl"
@@ -78,7 +89,28 @@ GENESIS_HASH = "0" * 64
 MECHANISM = "subsampled-gaussian"
 """The only mechanism recorded: the Poisson-subsampled Gaussian mechanism."""
 
+SIGNATURES_FIELD = "signatures"
+"""A line's signatures: ``{"server": hex, "committee": [...]}`` (not part of what is signed)."""
+
 _REL_TOL = 1e-9  # for fields the server derives from others (m = q * N, z_eff)
+
+
+class LineSigner(Protocol):
+    """What signs a ledger's lines (:class:`common.privacy.signing.Ed25519Signer`)."""
+
+    @property
+    def scheme(self) -> str:
+        """The header's ``signature_scheme`` (``"ed25519"``)."""
+        ...
+
+    @property
+    def public_key(self) -> str:
+        """The header's ``server_key``: the public key, hex."""
+        ...
+
+    def sign(self, message: bytes) -> str:
+        """The hex signature of ``message``."""
+        ...
 
 
 class LedgerMode(StrEnum):
@@ -123,6 +155,11 @@ def canonical_json(obj: Mapping[str, Any]) -> bytes:
     except ValueError as err:
         raise ValueError(f"ledger records must hold finite numbers only ({err})") from err
     return text.encode("utf-8")
+
+
+def signed_body(record: Mapping[str, Any]) -> bytes:
+    """What a line's signatures sign: its canonical JSON without the ``signatures`` field."""
+    return canonical_json({k: v for k, v in record.items() if k != SIGNATURES_FIELD})
 
 
 def line_hash(raw: bytes) -> str:
@@ -248,7 +285,18 @@ def header_problem(header: Mapping[str, Any]) -> str | None:
         return f"header mode must be one of client/example/off, got {header.get('mode')!r}"
     if header.get("prev") != GENESIS_HASH:
         return "header prev must be 64 zeros"
+    server_key: Any = header.get("server_key")
+    if server_key is not None or "signature_scheme" in header:
+        scheme = header.get("signature_scheme")
+        if scheme != "ed25519":
+            return f"header signature_scheme must be 'ed25519', got {scheme!r}"
+        if not (isinstance(server_key, str) and len(server_key) == 64 and _is_hex(server_key)):
+            return "header server_key must be 64 hex digits (an Ed25519 public key)"
     return None
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def round_problem(rec: Mapping[str, Any], *, mode: LedgerMode, population: int) -> str | None:
@@ -330,13 +378,27 @@ class LedgerWriter:
     ``fsync``-s before returning, so a record the server has logged is on disk.
     """
 
-    def __init__(self, path: Path, *, header: dict[str, Any], hashes: list[str], rounds: int):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        header: dict[str, Any],
+        hashes: list[str],
+        rounds: int,
+        signer: LineSigner | None = None,
+    ):
         """Use :meth:`create` or :meth:`open_existing`; this does not touch the file."""
         self.path = Path(path)
         self.header = header
         self._hashes = hashes  # line_hash of every line so far, header first
         self._rounds = rounds
         self._closed = False
+        self._signer = signer
+
+    @property
+    def signed(self) -> bool:
+        """Whether the lines are signed (the header holds the signer's key)."""
+        return self._signer is not None
 
     @property
     def rounds(self) -> int:
@@ -349,7 +411,9 @@ class LedgerWriter:
         return LedgerMode(self.header["mode"])
 
     @classmethod
-    def create(cls, path: Path, header: Mapping[str, Any]) -> LedgerWriter:
+    def create(
+        cls, path: Path, header: Mapping[str, Any], *, signer: LineSigner | None = None
+    ) -> LedgerWriter:
         """Start a new ledger at ``path`` (which must not exist) with its header line.
 
         Parameters
@@ -360,6 +424,8 @@ class LedgerWriter:
             ``run_id``, ``code_version``, ``config``, ``population``, ``delta``, ``mode`` and
             optionally ``created`` (default: now, UTC) and ``accountant`` (default ``"prv"``).
             ``type``, ``format`` and ``prev`` are filled in.
+        signer:
+            Signs every line; its public key goes in the header. ``None``: an unsigned ledger.
 
         Raises
         ------
@@ -378,35 +444,53 @@ class LedgerWriter:
         }
         if isinstance(record.get("mode"), LedgerMode):
             record["mode"] = record["mode"].value
+        if signer is not None:
+            record["server_key"] = signer.public_key
+            record["signature_scheme"] = signer.scheme
         problem = header_problem(record)
         if problem is not None:
             raise ValueError(problem)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        raw = canonical_json(record)
+        raw = canonical_json(_signed(record, signer))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         try:
             _write_all_once(fd, raw + b"\n")
         finally:
             os.close(fd)
         _fsync_dir(path.parent)
-        return cls(path, header=record, hashes=[line_hash(raw)], rounds=0)
+        return cls(path, header=record, hashes=[line_hash(raw)], rounds=0, signer=signer)
 
     @classmethod
-    def open_existing(cls, path: Path) -> LedgerWriter:
+    def open_existing(cls, path: Path, *, signer: LineSigner | None = None) -> LedgerWriter:
         """Continue an unfinished ledger after the last line, re-reading and checking its chain.
+
+        ``signer`` must hold the header's ``server_key`` when the ledger is signed; an unsigned
+        ledger stays unsigned (``signer`` is then not used), so that its lines stay alike.
 
         Raises
         ------
         DataError
-            If the file is unreadable, has an incomplete last line, a broken chain, or already
-            has a final line (a finished run is never extended).
+            If the file is unreadable, has an incomplete last line, a broken chain, already
+            has a final line (a finished run is never extended), or is signed with another key
+            than ``signer``'s (or ``signer`` is ``None``).
         """
         path = Path(path)
         lines = read_ledger_lines(path)
-        problem = header_problem(lines[0].record)
+        header = lines[0].record
+        problem = header_problem(header)
         if problem is not None:
             raise DataError(problem, path=path, line=1)
+        key = header.get("server_key")
+        if key is None:
+            signer = None
+        elif signer is None or signer.public_key != key:
+            raise DataError(
+                f"the ledger is signed by key {key[:16]}..., "
+                + ("no signing key was given" if signer is None else "not by the key given"),
+                path=path,
+                line=1,
+            )
         rounds = 0
         for before, line in itertools.pairwise(lines):
             if line.record.get("prev") != before.sha256:
@@ -432,24 +516,33 @@ class LedgerWriter:
             rounds += 1
         return cls(
             path,
-            header=lines[0].record,
+            header=header,
             hashes=[line.sha256 for line in lines],
             rounds=rounds,
+            signer=signer,
         )
 
-    def append_round(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    def append_round(
+        self, record: Mapping[str, Any], *, cosignatures: Sequence[Mapping[str, Any]] = ()
+    ) -> dict[str, Any]:
         """Write one round record and return it as written (with ``type``, ``prev``, defaults).
 
         ``record`` holds the fields listed in the module docstring; ``mechanism`` defaults to
         ``"subsampled-gaussian"``. Its ``round`` must be the next number (1 after the header).
+        ``cosignatures`` are the committee's (:class:`common.privacy.signing.Cosignature`
+        records), kept in ``signatures.committee`` of a signed ledger.
 
         Raises
         ------
         ValueError
-            If a field is missing or out of range, or the round number is not the next one.
+            If a field is missing or out of range, the round number is not the next one, or
+            co-signatures are given to an unsigned ledger.
         """
         self._check_open()
+        if cosignatures and self._signer is None:
+            raise ValueError("co-signatures need a signed ledger (a writer with a signer)")
         full: dict[str, Any] = {"mechanism": MECHANISM, **record}
+        full.pop(SIGNATURES_FIELD, None)
         full["type"] = "round"
         full["prev"] = self._hashes[-1]
         if full.get("round") != self._rounds + 1:
@@ -457,7 +550,7 @@ class LedgerWriter:
         problem = round_problem(full, mode=self.mode, population=self.header["population"])
         if problem is not None:
             raise ValueError(problem)
-        self._append(full)
+        self._append(full, cosignatures=[dict(c) for c in cosignatures])
         self._rounds += 1
         return full
 
@@ -486,14 +579,30 @@ class LedgerWriter:
         if self._closed:
             raise ValueError(f"{self.path}: the ledger already has its final line")
 
-    def _append(self, record: Mapping[str, Any]) -> None:
-        raw = canonical_json(record)
+    def _append(
+        self, record: Mapping[str, Any], *, cosignatures: list[dict[str, Any]] | None = None
+    ) -> None:
+        raw = canonical_json(_signed(record, self._signer, cosignatures))
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             _write_all_once(fd, raw + b"\n")
         finally:
             os.close(fd)
         self._hashes.append(line_hash(raw))
+
+
+def _signed(
+    record: Mapping[str, Any],
+    signer: LineSigner | None,
+    cosignatures: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``record`` with its ``signatures`` (the server's, and the committee's if any)."""
+    if signer is None:
+        return dict(record)
+    signatures: dict[str, Any] = {"server": signer.sign(signed_body(record))}
+    if cosignatures:
+        signatures["committee"] = cosignatures
+    return {**record, SIGNATURES_FIELD: signatures}
 
 
 def _write_all_once(fd: int, data: bytes) -> None:

@@ -5,6 +5,11 @@ target epsilon it calibrates z (:func:`common.privacy.accounting.calibrate_noise
 at client level for a low quantile of the Binomial(N, q) participant count
 (:func:`participation_factor`), at example level for the largest DP-SGD shape of any silo
 (:func:`dpsgd_shape`). The server's DP layer, the CLI and the in-process engine all plan here.
+
+A target the accountants cannot certify is refused before training
+(:func:`check_target_epsilon`, :func:`calibrate_noise_multiplier`): below
+:data:`MIN_TARGET_EPSILON`, or where the calibrated noise multiplier's epsilon is not in
+``(0, target]``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from scipy.stats import binom
 
 from common.privacy._checks import check_count, check_delta, check_positive, check_sample_rate
 from common.privacy.accounting import (
+    PRV_EPS_ERROR,
     AccountantKind,
-    GridTooLargeError,
     MechanismStep,
     compute_epsilon,
     default_delta,
@@ -28,8 +33,10 @@ from common.run.config import PrivacyMode, RunConfig
 
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
+    "MIN_TARGET_EPSILON",
     "DPPlan",
     "calibrate_noise_multiplier",
+    "check_target_epsilon",
     "dpsgd_shape",
     "participation_factor",
     "plan_privacy",
@@ -39,6 +46,17 @@ MAX_NOISE_MULTIPLIER = 1000.0
 """Largest noise multiplier :func:`calibrate_noise_multiplier` tries before it calls a target
 epsilon unreachable. RDP with Opacus's default orders cannot certify epsilon below about 0.1 at
 delta=1e-5, whatever the noise."""
+
+MIN_TARGET_EPSILON = 2 * PRV_EPS_ERROR
+"""Smallest target epsilon a run may be calibrated for: twice the PRV accountant's ``eps_error``.
+
+fedrec reports PRV (Gopi, Lee and Wutschitz 2021), whose epsilon is only known to within
+``eps_error`` on each side: its interval is ``[estimate - eps_error, estimate + eps_error]`` and
+the upper end is reported. A target below the interval's width ``2 * eps_error`` cannot be told
+apart from epsilon 0, so the noise it calls for would be set by the accountant's error, not by
+the target. The rule holds for both accountants, since the run reports PRV whichever calibrated
+it (RDP, for its part, cannot certify much below 0.1 at delta=1e-5 at all, see
+:data:`MAX_NOISE_MULTIPLIER`)."""
 
 _MAX_INTERPOLATIONS = 8
 """Interpolation steps of :func:`_smallest_noise_multiplier` before it falls back to bisection."""
@@ -129,8 +147,9 @@ def plan_privacy(
     Raises
     ------
     ValueError
-        If the target cannot be reached (e.g. too small for the accountant), or example mode
-        is asked for without silo sizes.
+        If the target cannot be certified (:func:`calibrate_noise_multiplier`: below
+        :data:`MIN_TARGET_EPSILON`, or unreachable), or example mode is asked for without silo
+        sizes.
     """
     p = cfg.privacy
     if p.mode is PrivacyMode.OFF:
@@ -182,6 +201,36 @@ def plan_privacy(
     )
 
 
+def check_target_epsilon(*, target_epsilon: float, delta: float | None = None) -> None:
+    """Refuse a target epsilon the PRV accountant cannot certify (:data:`MIN_TARGET_EPSILON`).
+
+    Needs no population, so a CLI can call it before it writes a run folder;
+    :func:`calibrate_noise_multiplier` calls it too.
+
+    Parameters
+    ----------
+    target_epsilon : float
+        Budget epsilon, > 0.
+    delta : float or None, default None
+        Target delta, in (0, 1), only named in the message (``None``: not known yet).
+
+    Raises
+    ------
+    ValueError
+        If ``target_epsilon`` is not finite, <= 0, or below :data:`MIN_TARGET_EPSILON`.
+    """
+    check_positive("target_epsilon", target_epsilon)
+    if delta is not None:
+        check_delta("delta", delta)
+    if target_epsilon < MIN_TARGET_EPSILON:
+        at = "" if delta is None else f" at delta {delta:.3g}"
+        raise ValueError(
+            f"target epsilon {target_epsilon:g}{at} is below what the PRV accountant can "
+            f"certify (its error is {PRV_EPS_ERROR:g}): target_epsilon must be >= "
+            f"{MIN_TARGET_EPSILON:g}"
+        )
+
+
 def calibrate_noise_multiplier(
     *,
     target_epsilon: float,
@@ -199,6 +248,15 @@ def calibrate_noise_multiplier(
     relative tolerance on z. Only a z whose epsilon was computed and found within the target is
     ever returned, so the result never overshoots, even where the numerical PRV epsilon is not
     exactly monotone in z.
+
+    A target that cannot be certified is refused (``ValueError``), before any accounting where
+    possible: it must be at least :data:`MIN_TARGET_EPSILON` (:func:`check_target_epsilon`);
+    delta must be below ``1 - (1 - q)^steps``, the probability that a unit takes part at all
+    (at or above it, (0, delta)-DP holds without any noise); and the epsilon of the z found must
+    lie in ``(0, target_epsilon]``. An epsilon of 0 (clamped, see
+    :func:`common.privacy.accounting.compute_epsilon`) means that delta alone meets the target:
+    e.g. delta 0.198, q 0.0032 over 41 steps, where PRV certifies 0 down to z = 0.076 and cannot
+    evaluate less noise (RDP, its fallback there, gives 1,400).
 
     Parameters
     ----------
@@ -219,17 +277,19 @@ def calibrate_noise_multiplier(
     Returns
     -------
     float
-        z with ``epsilon(z) <= target_epsilon`` and, for a monotone accountant,
+        z with ``0 < epsilon(z) <= target_epsilon`` and, for a monotone accountant,
         ``epsilon(z * (1 - tolerance)) > target_epsilon``.
 
     Raises
     ------
     ValueError
-        If a parameter is out of range, or even z = :data:`MAX_NOISE_MULTIPLIER` cannot reach
-        ``target_epsilon``.
+        If a parameter is out of range, ``target_epsilon`` is below :data:`MIN_TARGET_EPSILON`,
+        ``delta >= 1 - (1 - q)^steps``, even z = :data:`MAX_NOISE_MULTIPLIER` cannot reach
+        ``target_epsilon``, or the epsilon of the z found is not in ``(0, target_epsilon]``.
     """
     check_positive("target_epsilon", target_epsilon)
     check_delta("delta", delta)
+    check_target_epsilon(target_epsilon=target_epsilon, delta=delta)
     check_sample_rate("sample_rate", sample_rate)
     check_count("steps", steps, minimum=1)
     check_positive("tolerance", tolerance)
@@ -237,17 +297,40 @@ def calibrate_noise_multiplier(
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
 
     def epsilon_of(z: float) -> float:
+        # never negative nor NaN; PRV falls back to RDP where its grid would be too large
         step = MechanismStep(noise_multiplier=z, sample_rate=sample_rate, steps=steps)
-        try:
-            return compute_epsilon([step], delta=delta, accountant=accountant)
-        except GridTooLargeError:
-            return math.inf  # the PRV grid only explodes for enormous epsilons
+        return compute_epsilon([step], delta=delta, accountant=accountant)
 
-    z = _smallest_noise_multiplier(epsilon_of, target=target_epsilon, tolerance=tolerance)
+    # Each unit takes part in some step with probability p = 1 - (1 - q)^steps, and a mechanism
+    # that ignores units not sampled is (0, p)-DP whatever its noise: at delta >= p epsilon 0
+    # holds with no noise at all, and the accountants' epsilon there is 0 or a numerical failure.
+    taking_part = 1.0 if sample_rate == 1 else -math.expm1(steps * math.log1p(-sample_rate))
+    if delta >= taking_part:
+        raise ValueError(
+            f"target epsilon {target_epsilon:g} at delta {delta:.3g} cannot be certified by noise: "
+            f"delta is at least {taking_part:.3g}, the probability that a unit takes part in any "
+            f"of the {steps} steps at q={sample_rate:g}, so (0, delta)-DP holds without noise; "
+            "use a smaller delta"
+        )
+
+    z, eps = _smallest_noise_multiplier(epsilon_of, target=target_epsilon, tolerance=tolerance)
     if not math.isfinite(z):
         raise ValueError(
             f"{accountant} accountant cannot reach epsilon={target_epsilon} at delta={delta}, "
             f"q={sample_rate}, steps={steps}, even with noise multiplier {MAX_NOISE_MULTIPLIER}"
+        )
+    if eps == 0:
+        raise ValueError(
+            f"target epsilon {target_epsilon:g} at delta {delta:.3g} cannot be certified by the "
+            f"{accountant} accountant: it finds epsilon 0 at noise multiplier {z:.4g} and more "
+            "than the target just below it, so delta alone meets the target "
+            f"(q={sample_rate:g}, steps={steps}); use a smaller delta"
+        )
+    if not 0 < eps <= target_epsilon:
+        raise ValueError(
+            f"target epsilon {target_epsilon:g} at delta {delta:.3g} cannot be certified by the "
+            f"{accountant} accountant: the calibrated noise multiplier {z:.4g} has epsilon "
+            f"{eps:.3g}, not in (0, {target_epsilon:g}] (q={sample_rate}, steps={steps})"
         )
     return z
 
@@ -267,7 +350,7 @@ def _log_interpolate(low: tuple[float, float], high: tuple[float, float], target
 
 def _smallest_noise_multiplier(
     epsilon_of: Callable[[float], float], *, target: float, tolerance: float
-) -> float:
+) -> tuple[float, float]:
     """Bracketing search for the smallest z with ``epsilon_of(z) <= target``, to ``tolerance``.
 
     A safeguarded regula falsi in log-log space: steps out from z=1 by the epsilon ratio to
@@ -276,7 +359,8 @@ def _smallest_noise_multiplier(
     bracket in two evaluations. Falls back to bisection after ``_MAX_INTERPOLATIONS`` guesses.
     About 5 evaluations instead of bisection's 10 (each costs 0.1 to 1 s).
 
-    Returns ``math.inf`` when even :data:`MAX_NOISE_MULTIPLIER` overshoots.
+    Returns ``(z, epsilon_of(z))``, the epsilon as computed during the search (no second
+    evaluation), or ``(math.inf, math.inf)`` when even :data:`MAX_NOISE_MULTIPLIER` overshoots.
     """
     # Bracket: ``low`` overshoots the target, ``high`` does not; pairs are (z, epsilon(z)).
     z = 1.0
@@ -296,7 +380,7 @@ def _smallest_noise_multiplier(
         low = (z, eps)
         while True:
             if z >= MAX_NOISE_MULTIPLIER:
-                return math.inf
+                return math.inf, math.inf
             ratio = eps / target if math.isfinite(eps) else 16.0
             z = min(z * min(max(ratio * (1 + tolerance), 1.25), 16.0), MAX_NOISE_MULTIPLIER)
             eps = epsilon_of(z)
@@ -309,7 +393,7 @@ def _smallest_noise_multiplier(
     for attempt in itertools.count():
         (z_low, _), (z_high, _) = low, high
         if z_high - z_low <= tolerance * z_high:
-            return z_high
+            return high
         if attempt < _MAX_INTERPOLATIONS:
             nudge = 1 - tolerance / 3 if moved_high else 1 + tolerance / 3
             guess = _log_interpolate(low, high, target) * nudge

@@ -25,6 +25,7 @@ from common.privacy.accounting import AccountantKind, MechanismStep, PrivacyAcco
 from common.privacy.mechanism import effective_noise_multiplier
 from common.privacy.plan import DPPlan
 from common.run.config import RunConfig
+from common.run.owner import config_hash
 
 __all__ = [
     "NOISE_OS_ENTROPY",
@@ -205,6 +206,7 @@ def ledger_header(*, run_id: str, cfg: RunConfig, plan: DPPlan) -> dict[str, Any
         "run_id": run_id,
         "code_version": f"fedrec {version('fedrec')}",
         "config": to_dict(cfg),
+        "config_hash": config_hash(cfg),
         "population": plan.population,
         "delta": plan.delta,
         "accountant": AccountantKind.PRV.value,

@@ -16,7 +16,8 @@ train (server -> client)
 train reply (client -> server)
     ``arrays`` (the pre-weighted update) or, encrypted, the ``he`` config record; ``metrics``:
     :class:`TrainMetrics`, or a :class:`Refusal` (no update) when one more round would exceed
-    the client's privacy budget.
+    the client's privacy budget, or a :class:`Divergence` (no update; its reason in ``config``)
+    when local training went non-finite.
 evaluate (server -> client) and its reply
     ``arrays`` and ``config`` (:class:`RoundConfig`); ``metrics``: :class:`EvalMetrics`.
 decrypt (server -> committee member) and its reply
@@ -43,6 +44,8 @@ from common.protocol.keys import (
     CONFIG_RECORD,
     DECRYPT_MESSAGE_TYPE,
     DESERIALIZE_SECONDS,
+    DIVERGED,
+    DIVERGED_REASON,
     DP_ACCOUNTING_NOISE_MULTIPLIER,
     DP_CLIP,
     DP_DELTA,
@@ -88,9 +91,11 @@ from common.protocol.records import (
     read_str,
 )
 from common.protocol.replies import (
+    Divergence,
     EvalMetrics,
     Refusal,
     TrainMetrics,
+    is_divergence,
     is_refusal,
 )
 
@@ -100,6 +105,8 @@ __all__ = [
     "CONFIG_RECORD",
     "DECRYPT_MESSAGE_TYPE",
     "DESERIALIZE_SECONDS",
+    "DIVERGED",
+    "DIVERGED_REASON",
     "DPSGD_CLIP",
     "DPSGD_DELTA",
     "DPSGD_MAX_SAMPLE_RATE",
@@ -135,12 +142,14 @@ __all__ = [
     "TRAIN_SECONDS",
     "WEIGHT",
     "ClientDPConfig",
+    "Divergence",
     "EvalMetrics",
     "ExampleDPConfig",
     "ProtocolError",
     "Refusal",
     "RoundConfig",
     "TrainMetrics",
+    "is_divergence",
     "is_refusal",
     "read_accounting_noise_multiplier",
     "read_float",

@@ -13,6 +13,8 @@ __all__ = [
     "CONFIG_RECORD",
     "DECRYPT_MESSAGE_TYPE",
     "DESERIALIZE_SECONDS",
+    "DIVERGED",
+    "DIVERGED_REASON",
     "DPSGD_CLIP",
     "DPSGD_DELTA",
     "DPSGD_MAX_SAMPLE_RATE",
@@ -136,6 +138,11 @@ REFUSED: Final = "refused"
 """Refusal reply: 1 when the client refuses the round over its privacy budget."""
 EPSILON_IF_TRAINED: Final = "epsilon-if-trained"
 """Refusal reply: the epsilon the client would have reached by training."""
+DIVERGED: Final = "diverged"
+"""Divergence reply: 1 when local training gave a non-finite loss or update (nothing sent)."""
+DIVERGED_REASON: Final = "diverged-reason"
+"""Divergence reply, in its ``config`` record: what went non-finite (``loss is inf at update
+2``)."""
 EVAL_USERS: Final = "eval-users"
 """Evaluate reply: the users the client scored (the weight of its metrics)."""
 EVAL_METRIC_PREFIXES: Final = ("ndcg@", "recall@")

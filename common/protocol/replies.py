@@ -1,16 +1,19 @@
 """What a client replies (:mod:`common.protocol`): the metrics of an update
-(:class:`TrainMetrics`), a refusal over its budget (:class:`Refusal`) and its local evaluation
-(:class:`EvalMetrics`)."""
+(:class:`TrainMetrics`), a refusal over its budget (:class:`Refusal`), a training run that
+diverged (:class:`Divergence`) and its local evaluation (:class:`EvalMetrics`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import MetricRecord
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.app.typing import MetricRecordValues
 
 from common.protocol.keys import (
+    CONFIG_RECORD,
+    DIVERGED,
+    DIVERGED_REASON,
     DPSGD_SAMPLE_RATE,
     DPSGD_STEPS,
     EPSILON_IF_TRAINED,
@@ -31,12 +34,16 @@ from common.protocol.records import (
     read_optional_float,
     read_optional_int,
     read_seconds,
+    read_str,
 )
 
 __all__ = [
+    "DIVERGENCE_REASON_CHARS",
+    "Divergence",
     "EvalMetrics",
     "Refusal",
     "TrainMetrics",
+    "is_divergence",
     "is_refusal",
 ]
 
@@ -151,6 +158,64 @@ def is_refusal(record: MetricRecord | None) -> bool:
     if record is None:
         return False
     value = record.get(REFUSED)
+    return is_number(value) and value != 0
+
+
+DIVERGENCE_REASON_CHARS = 200
+"""A divergence reason is cut to this many characters (it is the client's free text)."""
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A client whose local training went non-finite: it sends no update, only why.
+
+    The server counts it as failed, with the reason (``diverged: loss is inf at update 2``).
+
+    Attributes
+    ----------
+    reason:
+        What went non-finite (``diverged-reason`` in the ``config`` record), at most
+        :data:`DIVERGENCE_REASON_CHARS` characters.
+    """
+
+    reason: str
+
+    def to_content(self) -> RecordDict:
+        """The reply's content: ``metrics`` ``{"diverged": 1, "weight": 0.0}`` and ``config``
+        ``{"diverged-reason": ...}``; no ``arrays``."""
+        return RecordDict(
+            {
+                METRICS_RECORD: MetricRecord({DIVERGED: 1, WEIGHT: 0.0}),
+                CONFIG_RECORD: ConfigRecord(
+                    {DIVERGED_REASON: self.reason[:DIVERGENCE_REASON_CHARS]}
+                ),
+            }
+        )
+
+    @classmethod
+    def read(cls, content: RecordDict) -> Divergence:
+        """The divergence in a reply's content; a missing reason reads ``"no reason given"``.
+
+        Raises
+        ------
+        ProtocolError
+            If the reply is not a divergence, or its reason is not a string.
+        """
+        if not is_divergence(content.metric_records.get(METRICS_RECORD)):
+            raise ProtocolError("is not a divergence", key=DIVERGED, record=METRICS_RECORD)
+        config = content.config_records.get(CONFIG_RECORD)
+        if config is None or DIVERGED_REASON not in config:
+            return cls("no reason given")
+        reason = read_str(config, DIVERGED_REASON, record_name=CONFIG_RECORD)
+        return cls(reason[:DIVERGENCE_REASON_CHARS])
+
+
+def is_divergence(record: MetricRecord | None) -> bool:
+    """True when a train reply's ``metrics`` record says local training diverged (``diverged``
+    is a nonzero number); ``None`` is not one."""
+    if record is None:
+        return False
+    value = record.get(DIVERGED)
     return is_number(value) and value != 0
 
 

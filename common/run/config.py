@@ -13,10 +13,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import load_config
+from common.config import load_config, load_toml
+from common.errors import ConfigError
 from common.model import ModelConfig, ModelKind
 
 __all__ = [
+    "COHORT_QUANTILE",
     "ClientConfig",
     "DataConfig",
     "EncryptionConfig",
@@ -29,6 +31,8 @@ __all__ = [
     "ServerConfig",
     "ServerOptimizer",
     "SimulationSection",
+    "check_run_data",
+    "expected_cohort_floor",
     "load_run_config",
 ]
 
@@ -78,6 +82,11 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, how it is split and how users are spread over clients."""
@@ -98,10 +107,18 @@ class DataConfig:
     """Concentration of the Dirichlet partition; smaller is more skewed."""
     client_holdout_fraction: float = 0.2
     """Share of a client's own items it holds out to evaluate the global model locally."""
+    strict: bool = False
+    """Refuse the data file at its first bad row (with its file and line) instead of dropping
+    bad rows and counting them in ``RUN_DIR/data/cleaning.json``."""
 
     def __post_init__(self) -> None:
-        if self.n_silos < 1:
-            raise ValueError(f"n_silos must be >= 1, got {self.n_silos}")
+        if not self.dataset.strip():
+            raise ValueError("dataset must name ml-100k or a data file or folder, got ''")
+        if not math.isfinite(self.min_rating):
+            raise ValueError(f"min_rating must be a finite number, got {self.min_rating}")
+        if self.n_heldout_users is not None:
+            _at_least("n_heldout_users", self.n_heldout_users, 1)
+        _at_least("n_silos", self.n_silos, 1)
         _positive("dirichlet_alpha", self.dirichlet_alpha)
         if not 0 < self.client_holdout_fraction < 1:
             raise ValueError("client_holdout_fraction must be in (0, 1)")
@@ -121,6 +138,20 @@ class ModelSection:
     """KL weight cap."""
     anneal_steps: int = 2000
     """Rounds over which beta grows to ``beta_cap`` (one step per round on a client)."""
+
+    def __post_init__(self) -> None:
+        kinds = [k.value for k in ModelKind]
+        if self.kind not in kinds:
+            raise ValueError(f"kind must be one of {kinds}, got {self.kind!r}")
+        if not self.dims or any(d < 1 for d in self.dims):
+            raise ValueError(
+                f"dims must be a non-empty list of positive layer sizes, got {list(self.dims)}"
+            )
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.beta_cap) and self.beta_cap >= 0):
+            raise ValueError(f"beta_cap must be a finite number >= 0, got {self.beta_cap}")
+        _at_least("anneal_steps", self.anneal_steps, 1)
 
     def to_model_config(self, n_items: int) -> ModelConfig:
         """The network of this section for a catalogue of ``n_items``."""
@@ -146,13 +177,18 @@ class ClientConfig:
     """Local learning rate."""
     optimizer: str = "sgd"
     """``sgd`` or ``adam`` (fresh every round: clients keep no optimizer state)."""
+    max_grad_norm: float | None = None
+    """Plain local training: scale each step's mini-batch gradient down to at most this L2
+    norm (None: no clipping). A guard against divergence, not privacy: it keeps plain SGD stable
+    at a learning rate tuned for DP-SGD, whose per-user clipping (``privacy.clip``) bounds the
+    step already; DP-SGD ignores it."""
 
     def __post_init__(self) -> None:
-        if self.local_epochs < 1:
-            raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        _at_least("local_epochs", self.local_epochs, 1)
+        _at_least("batch_size", self.batch_size, 1)
         _positive("lr", self.lr)
+        if self.max_grad_norm is not None:
+            _positive("max_grad_norm", self.max_grad_norm)
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
@@ -193,15 +229,14 @@ class ServerConfig:
             raise ValueError(f"lr_final_fraction must be in (0, 1], got {self.lr_final_fraction}")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.clients_per_round < 1:
-            raise ValueError("clients_per_round must be >= 1")
-        if self.min_clients < 1:
-            raise ValueError("min_clients must be >= 1")
+        _at_least("clients_per_round", self.clients_per_round, 1)
+        _at_least("min_clients", self.min_clients, 1)
         _positive("round_timeout", self.round_timeout)
         _positive("registration_timeout", self.registration_timeout)
+        _positive("tau", self.tau)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1)")
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -309,6 +344,13 @@ class SimulationSection:
     def __post_init__(self) -> None:
         if self.ray_address is not None and not self.ray_address.strip():
             raise ValueError("simulation.ray_address must be HOST:PORT of a Ray head, got ''")
+        _positive("num_cpus_per_client", self.num_cpus_per_client)
+        if self.max_clients is not None:
+            _at_least("max_clients", self.max_clients, 1)
+        for name in ("fail_clients", "lying_clients"):
+            bad = [c for c in getattr(self, name) if c < 0]
+            if bad:
+                raise ValueError(f"{name} must hold client ids >= 0, got {bad}")
 
 
 @dataclass(frozen=True)
@@ -342,6 +384,22 @@ class RunConfig:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        _at_least("reference_epochs", self.reference_epochs, 1)
+        server = self.server
+        if server.sampling is Sampling.FIXED and server.min_clients > server.clients_per_round:
+            raise ValueError(
+                f"server.min_clients = {server.min_clients} can never be met: a round invites "
+                f"server.clients_per_round = {server.clients_per_round} clients"
+            )
+        if (
+            self.encryption.enabled
+            and server.sampling is Sampling.FIXED
+            and self.encryption.committee_size > server.clients_per_round
+        ):
+            raise ValueError(
+                f"encryption.committee_size = {self.encryption.committee_size} can never be met: "
+                f"a round invites server.clients_per_round = {server.clients_per_round} clients"
+            )
         if self.privacy.mode is PrivacyMode.CLIENT and self.server.sampling is not Sampling.POISSON:
             raise ValueError(
                 "privacy.mode = 'client' needs server.sampling = 'poisson': the accounting relies "
@@ -357,10 +415,109 @@ class RunConfig:
 def load_run_config(path: Path | None, sets: list[str] | None = None) -> RunConfig:
     """Parse a TOML run config (or the defaults) with ``--set`` overrides applied.
 
+    Every value is checked here, before anything runs or is written; what can only be checked
+    against the data is checked by :func:`check_run_data` once the data is read.
+
     Raises
     ------
     ConfigError
         One line naming the file (and line) or the ``--set`` item at fault, e.g.
-        ``config.toml:3: unknown config key 'rouds' (did you mean 'rounds'?)``.
+        ``config.toml:3: unknown config key 'rouds' (did you mean 'rounds'?)``; also
+        ``config.toml: empty config file`` for a file that sets nothing.
     """
+    if path is not None and not load_toml(path):
+        raise ConfigError(f"{path}: empty config file")
     return load_config(RunConfig, path, sets or [])
+
+
+COHORT_QUANTILE = 0.025
+"""The low quantile of a round's participant count that a run must be able to work with: a
+requirement that only a cohort above it can meet (a decryption committee) is refused."""
+
+
+def expected_cohort_floor(server: ServerConfig, n_clients: int) -> int:
+    """Participants of a round at its :data:`COHORT_QUANTILE` quantile, for ``n_clients``.
+
+    ``poisson``: that quantile of Binomial(N, q); ``fixed``: ``min(clients_per_round, N)``.
+    """
+    if server.sampling is Sampling.FIXED:
+        return min(server.clients_per_round, n_clients)
+    from scipy.stats import binom  # lazily: loading a config stays cheap
+
+    return int(binom.ppf(COHORT_QUANTILE, n_clients, server.sample_rate))
+
+
+def check_run_data(cfg: RunConfig, *, n_users: int, n_clients: int | None = None) -> None:
+    """Check the values of ``cfg`` that depend on the data, before anything is written.
+
+    Parameters
+    ----------
+    cfg:
+        The run.
+    n_users:
+        Users of the cleaned data set (before the split).
+    n_clients:
+        Clients of the partition; ``None`` checks the split alone (call again with it).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key (``data.n_heldout_users``, ``server.min_clients``,
+        ``encryption.committee_size``) and what the data allows.
+    """
+    from common.data.split import SMALL_DATASET_USERS
+
+    held = cfg.data.n_heldout_users
+    most = max((n_users - 1) // 2, 0)
+    if held is not None and 2 * held >= n_users:
+        raise ConfigError(
+            f"data.n_heldout_users = {held} leaves no training users: {cfg.data.dataset} has "
+            f"{n_users} users, and validation and test take {held} each (give at most {most})",
+            key="data.n_heldout_users",
+        )
+    if held is None and n_users <= SMALL_DATASET_USERS and n_users <= 2 * 100:
+        raise ConfigError(
+            "data.n_heldout_users is not set and its default (100 validation and 100 test users "
+            f"on a data set of up to {SMALL_DATASET_USERS} users) leaves no training users of "
+            f"the {n_users} in {cfg.data.dataset}: set data.n_heldout_users (at most {most})",
+            key="data.n_heldout_users",
+        )
+    if held is None:  # the split's default (common.data.split)
+        held = 100 if n_users <= SMALL_DATASET_USERS else round(0.1 * n_users)
+    n_train = n_users - 2 * held
+    data = cfg.data
+    if (
+        data.partition is not Partition.PER_USER
+        and not (data.partition is Partition.SILOS and data.silo_attribute)
+        and data.n_silos > n_train
+    ):
+        raise ConfigError(
+            f"data.n_silos = {data.n_silos} exceeds the {n_train} training users: a silo would "
+            "be empty",
+            key="data.n_silos",
+        )
+    if n_clients is None:
+        return
+    server = cfg.server
+    if server.min_clients > n_clients:
+        raise ConfigError(
+            f"server.min_clients = {server.min_clients} exceeds the {n_clients} clients of the "
+            "partition: no round could be applied",
+            key="server.min_clients",
+        )
+    if cfg.encryption.enabled:
+        floor = expected_cohort_floor(server, n_clients)
+        size = cfg.encryption.committee_size
+        if size > floor:
+            how = (
+                f"a round's participants are Binomial({n_clients}, {server.sample_rate:g}) "
+                f"(server.sample_rate), {floor} or fewer in {COHORT_QUANTILE:.1%} of rounds"
+                if server.sampling is Sampling.POISSON
+                else f"a round has {floor} participants ({n_clients} clients)"
+            )
+            raise ConfigError(
+                f"encryption.committee_size = {size} exceeds the participants of a round: {how}; "
+                "a round without a full committee is discarded (its privacy still spent). Lower "
+                "encryption.committee_size or raise server.sample_rate",
+                key="encryption.committee_size",
+            )

@@ -7,8 +7,15 @@ In a simulation every virtual device's history comes from one data set. The runn
   simulated ClientApp reads only its own client's rows from it;
 - ``RUN_DIR/data/eval.npz``: held-out validation and test users (fold-in / held-out) and the
   item ids, read by the ServerApp for evaluation.
+- ``RUN_DIR/data/cleaning.json``: what cleaning dropped from the data file and why (bad rows
+  by reason with their first ``file:line``, see :mod:`common.data.cleaning`).
 
 A real device (``fedrec client join``) has no such file: it reads its own history instead.
+
+Nothing is written until the data is read, split, partitioned and checked against the config
+(:func:`build_run_data`, :func:`common.run.config.check_run_data`): a refused run leaves no run
+folder, or an existing one untouched. ``data/`` holds every client's rows, so the run folder
+and ``data/`` are owner-only (0700) and the files in ``data/`` 0600.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,14 +33,20 @@ import scipy.sparse as sp
 
 from common.config import to_toml
 from common.data import Dataset, Split, load_dataset, split_strong_generalization
+from common.data.stats import cleaning_record
+from common.errors import ConfigError
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from common.run.config import Partition, RunConfig
+from common.run.config import Partition, RunConfig, check_run_data
 from common.run.partition import ClientPartition, partition_users
 
 __all__ = [
+    "DATA_FILE_MODE",
+    "RUN_DIR_MODE",
     "ClientShard",
     "EvalData",
     "PreparedRun",
+    "RunData",
+    "build_run_data",
     "drop_client_rows",
     "load_client_shard",
     "load_eval_data",
@@ -42,6 +56,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+RUN_DIR_MODE = 0o700
+"""Permissions of a run folder and its ``data/``: they hold every client's rows."""
+DATA_FILE_MODE = 0o600
+"""Permissions of the files in ``RUN_DIR/data``."""
 
 
 @dataclass(frozen=True)
@@ -81,10 +100,36 @@ class ClientShard:
         return int(self.rows.shape[0])
 
 
+@dataclass(frozen=True)
+class RunData:
+    """A data set split and partitioned for a run and checked against its config; not written.
+
+    What :func:`build_run_data` returns and :func:`prepare_run_data` writes.
+    """
+
+    dataset: Dataset
+    split: Split
+    partition: ClientPartition
+
+    @property
+    def n_clients(self) -> int:
+        """Clients of the partition."""
+        return int(self.partition.n_clients)
+
+
+def _owner_only(folder: Path) -> None:
+    """Make ``folder`` (made if missing) readable by its owner only."""
+    folder.mkdir(parents=True, exist_ok=True, mode=RUN_DIR_MODE)
+    try:
+        os.chmod(folder, RUN_DIR_MODE)
+    except PermissionError:  # a folder of someone else's that we may write into
+        logger.warning("%s: cannot make it owner-only (chmod 700): not its owner", folder)
+
+
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), mode=DATA_FILE_MODE)
 
 
 def _csr_arrays(prefix: str, m: sp.csr_matrix) -> dict[str, np.ndarray]:
@@ -110,9 +155,10 @@ def _partition(cfg: RunConfig, ds: Dataset, split: Split) -> ClientPartition:
         feature = ds.user_features.get(data.silo_attribute)
         if feature is None:
             known = ", ".join(sorted(ds.user_features)) or "none"
-            raise ValueError(
+            raise ConfigError(
                 f"data.silo_attribute {data.silo_attribute!r} is not a user attribute of "
-                f"{ds.name} (known: {known})"
+                f"{ds.name} (known: {known})",
+                key="data.silo_attribute",
             )
         row_of = {u: i for i, u in enumerate(ds.user_ids.tolist())}
         attribute = np.asarray([feature[row_of[u]] for u in split.train_users.tolist()])
@@ -131,14 +177,41 @@ def _partition(cfg: RunConfig, ds: Dataset, split: Split) -> ClientPartition:
     )
 
 
-def prepare_run_data(
-    cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None
-) -> PreparedRun:
-    """Split and partition ``cfg.data.dataset`` and write ``RUN_DIR/data/*``."""
-    ds = load_dataset(cfg.data.dataset, cache_dir=cache_dir, min_rating=cfg.data.min_rating)
+def build_run_data(cfg: RunConfig, *, cache_dir: Path | None = None) -> RunData:
+    """Read, split and partition ``cfg.data.dataset``, checking ``cfg`` against it; writes nothing.
+
+    Raises
+    ------
+    ConfigError
+        For a value the data does not allow (:func:`common.run.config.check_run_data`), with its
+        ``key``; :func:`common.config.locate_error` adds the file line or ``--set`` that gave it.
+    """
+    ds = load_dataset(
+        cfg.data.dataset,
+        cache_dir=cache_dir,
+        min_rating=cfg.data.min_rating,
+        strict=cfg.data.strict,
+    )
+    check_run_data(cfg, n_users=ds.n_users)
     split = split_strong_generalization(ds, seed=cfg.seed, n_heldout_users=cfg.data.n_heldout_users)
     part = _partition(cfg, ds, split)
+    check_run_data(cfg, n_users=ds.n_users, n_clients=part.n_clients)
+    return RunData(dataset=ds, split=split, partition=part)
+
+
+def prepare_run_data(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    data: RunData | None = None,
+) -> PreparedRun:
+    """Write ``RUN_DIR/data/*`` (owner-only) of ``data``, else of :func:`build_run_data`."""
+    if data is None:
+        data = build_run_data(cfg, cache_dir=cache_dir)
+    ds, split, part = data.dataset, data.split, data.partition
     data_dir = Path(run_dir) / "data"
+    _owner_only(data_dir)
     title_of = dict(zip(ds.item_ids.tolist(), ds.item_titles.tolist(), strict=True))
     item_ids = [str(i) for i in split.item_ids.tolist()]
     _save_npz(
@@ -147,7 +220,7 @@ def prepare_run_data(
         offsets=part.offsets,
         rows=part.rows,
     )
-    atomic_write_json(data_dir / "client_labels.json", list(part.labels))
+    atomic_write_json(data_dir / "client_labels.json", list(part.labels), mode=DATA_FILE_MODE)
     _save_npz(
         data_dir / "eval.npz",
         **_csr_arrays("validation_foldin", split.validation_foldin),
@@ -160,7 +233,8 @@ def prepare_run_data(
         "item_titles": [title_of.get(i, "") for i in item_ids],
         "dataset": {"name": ds.name, "sha256": ds.sha256},
     }
-    atomic_write_json(data_dir / "items.json", meta)
+    atomic_write_json(data_dir / "items.json", meta, mode=DATA_FILE_MODE)
+    atomic_write_json(data_dir / "cleaning.json", cleaning_record(ds), mode=DATA_FILE_MODE)
     logger.info(
         "prepared %d clients from %d training users, %d items",
         part.n_clients,
@@ -239,11 +313,21 @@ def load_eval_data(run_dir: Path) -> EvalData:
 
 
 def write_run_folder(
-    cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None = None
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    data: RunData | None = None,
 ) -> PreparedRun:
-    """Write ``RUN_DIR/data/*`` and the resolved ``RUN_DIR/config.toml`` (written last)."""
+    """Write ``RUN_DIR/data/*`` and the resolved ``RUN_DIR/config.toml`` (written last).
+
+    The data (``data``, else :func:`build_run_data` of ``cfg``) is checked before the folder is
+    made, so a refused run writes nothing; the folder is made owner-only (0700).
+    """
+    if data is None:
+        data = build_run_data(cfg, cache_dir=cache_dir)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_run_data(cfg, run_dir, cache_dir=cache_dir)
+    _owner_only(run_dir)
+    prepared = prepare_run_data(cfg, run_dir, data=data)
     atomic_write_text(run_dir / "config.toml", to_toml(cfg))
     return prepared

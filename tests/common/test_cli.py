@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import re
 from pathlib import Path
 
@@ -171,7 +170,11 @@ def _ledger(run_dir: Path) -> Path:
         {
             "run_id": "cli-test",
             "code_version": "0",
-            "config": {"rounds": 1},
+            "config": {  # what the auditor checks the round against
+                "rounds": 1,
+                "server": {"sample_rate": 0.05},
+                "privacy": {"mode": "client", "noise_multiplier": 1.1, "delta": 1e-4},
+            },
             "population": 100,
             "delta": 1e-4,
             "mode": "client",
@@ -182,11 +185,11 @@ def _ledger(run_dir: Path) -> Path:
             "round": 1,
             "sample_rate": 0.05,
             "invited": 3,
-            "participated": 1,
+            "participated": 0,
             "expected_participants": 5.0,
             "clip": 1.0,
             "noise_multiplier": 1.1,
-            "effective_noise_multiplier": 1.1 * math.sqrt(1 / 5),
+            "effective_noise_multiplier": 1.1,
             "steps": 1,
             "epsilon": 0.0,
             "epsilon_rdp": 0.0,

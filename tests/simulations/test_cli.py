@@ -226,7 +226,9 @@ def test_train_central_off_a_terminal_prints_one_line_per_epoch(
 def _fake_simulation(monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]]) -> None:
     """``simulate`` without data or Flower: it replays ``events``, then stops with an error."""
 
-    def prepare_run(cfg: Any, run_dir: Path, *, cache_dir: Path | None = None) -> int:
+    def prepare_run(
+        cfg: Any, run_dir: Path, *, cache_dir: Path | None = None, force: bool = False
+    ) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         return 10
 

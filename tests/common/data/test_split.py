@@ -24,7 +24,7 @@ def make_dataset(n_users: int, n_items: int = 40, seed: int = 1) -> Dataset:
     dense = np.zeros((n_users, n_items), dtype=np.float32)
     for u in range(n_users):
         dense[u, rng.choice(n_items, size=3 + u % 20, replace=False)] = 1.0
-    report = CleaningReport(int(dense.sum()), 0, 0, 0, 0, 0)
+    report = CleaningReport(int(dense.sum()), 0, 0, 0)
     return Dataset(
         name="toy",
         sha256="0" * 64,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from functools import partial
@@ -10,14 +11,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from common.privacy import (
+    PRV_EPS_ERROR,
     AccountantKind,
     MechanismStep,
+    PrivacyAccountant,
+    RdpTracker,
     add_gaussian_noise_inplace,
     calibrate_noise_multiplier,
+    client_epsilon_after,
     client_noise_std,
     clip_inplace,
     compute_epsilon,
@@ -25,6 +30,7 @@ from common.privacy import (
     effective_noise_multiplier,
     l2_norm,
 )
+from common.privacy.plan import MAX_NOISE_MULTIPLIER, MIN_TARGET_EPSILON
 
 DELTA = 1e-5
 RDP, PRV = AccountantKind.RDP, AccountantKind.PRV
@@ -99,10 +105,169 @@ def test_prv_is_tighter_than_rdp(z: float, q: float, steps: int) -> None:
     assert 0 < eps_prv <= eps_rdp + 0.02
 
 
-def test_prv_refuses_an_unaffordable_grid() -> None:
-    # z=0.3, q=0.5 over 10,000 rounds: RDP epsilon about 29,000; PRV would need ~2e9 points.
-    with pytest.raises(ValueError, match="grid points"):
-        _eps(0.3, 0.5, 10_000, PRV)
+def test_prv_falls_back_to_rdp_for_an_unaffordable_grid(caplog: pytest.LogCaptureFixture) -> None:
+    # z=0.3, q=0.5 over 10,000 rounds: RDP epsilon about 29,000; PRV would need ~2e9 points
+    # (the process would be killed for memory if the grid were not refused before it is built).
+    with caplog.at_level(logging.WARNING, logger="common.privacy.accounting"):
+        eps = _eps(0.3, 0.5, 10_000, PRV)
+    assert eps == _eps(0.3, 0.5, 10_000, RDP) > 1000
+    assert "grid points" in caplog.text and "using the RDP epsilon" in caplog.text
+
+
+def test_prv_nan_falls_back_to_rdp_and_rdp_nan_is_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: accountants whose numerics fail (Opacus 1.6 can return NaN from a log of a
+    # negative number in DiscretePRV.compute_epsilon).
+    step = MechanismStep(1.0, 0.1, 10)
+    rdp = _eps(1.0, 0.1, 10, RDP)
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", lambda self, delta, **kw: math.nan)
+
+    # Execute / Assert: PRV's NaN becomes the RDP epsilon, which also bounds it.
+    with caplog.at_level(logging.WARNING, logger="common.privacy.accounting"):
+        assert compute_epsilon([step], delta=DELTA, accountant=PRV) == rdp
+    assert "returned nan" in caplog.text
+    monkeypatch.setattr(RDPAccountant, "get_epsilon", lambda self, delta, **kw: math.nan)
+    with pytest.raises(ValueError, match=r"rdp accountant returned epsilon nan for history"):
+        compute_epsilon([step], delta=DELTA, accountant=RDP)
+    with pytest.raises(ValueError, match=r"rdp accountant returned epsilon nan"):
+        compute_epsilon([step], delta=DELTA, accountant=PRV)  # PRV failed, and so did RDP
+
+
+# --- properties over wide ranges ------------------------------------------------------------------
+
+
+def _log_uniform(low: float, high: float) -> st.SearchStrategy[float]:
+    return st.floats(math.log(low), math.log(high)).map(math.exp)
+
+
+_Z = _log_uniform(0.3, 100.0)
+_Q = _log_uniform(1e-4, 1.0).map(lambda q: min(q, 1.0))
+_STEPS = _log_uniform(1.0, 10_000.0).map(lambda s: min(max(round(s), 1), 10_000))
+_DELTA = _log_uniform(1e-10, 0.5)
+_PRV_GRID_BUDGET = 500_000
+"""PRV is checked only where its grid stays below this (about half a second); above, mostly at
+epsilons in the hundreds, only RDP is."""
+
+
+def _prv_grid_estimate(tracker: RdpTracker, *, steps: int, delta: float) -> float:
+    """Grid points the PRV accountant will build (Opacus 1.6 ``_get_domain``), from RDP."""
+    delta_error = delta / 1000
+    half_width = max(tracker.epsilon(delta_error / 4), PRV_EPS_ERROR) + 3
+    mesh = PRV_EPS_ERROR / math.sqrt(steps * math.log(12 / delta_error) / 2)
+    return 2 * half_width / mesh
+
+
+@settings(max_examples=25, deadline=None)
+@given(z=_Z, factor=_log_uniform(1.05, 3.0), q=_Q, steps=_STEPS, delta=_DELTA)
+def test_epsilon_is_finite_non_negative_and_non_increasing_in_z(
+    z: float, factor: float, q: float, steps: int, delta: float
+) -> None:
+    """Over z in [0.3, 100], q in [1e-4, 1], steps in [1, 10^4], delta in [1e-10, 0.5]."""
+    # Prepare
+    more_noise = z * factor
+
+    # Execute
+    rdp = compute_epsilon([MechanismStep(z, q, steps)], delta=delta, accountant=RDP)
+    rdp_more = compute_epsilon([MechanismStep(more_noise, q, steps)], delta=delta, accountant=RDP)
+    tracker = RdpTracker()
+    tracker.add(MechanismStep(z, q, steps))
+
+    # Assert: RDP is an exact function of z (up to rounding).
+    assert math.isfinite(rdp) and rdp >= 0 and math.isfinite(rdp_more) and rdp_more >= 0
+    assert rdp_more <= rdp * (1 + 1e-9) + 1e-12
+    assert tracker.epsilon(delta) == pytest.approx(rdp, rel=1e-9, abs=1e-12)
+    if _prv_grid_estimate(tracker, steps=steps, delta=delta) > _PRV_GRID_BUDGET:
+        return
+    prv = compute_epsilon([MechanismStep(z, q, steps)], delta=delta, accountant=PRV)
+    prv_more = compute_epsilon([MechanismStep(more_noise, q, steps)], delta=delta, accountant=PRV)
+    # PRV: each value is the upper end of an interval of width 2 * eps_error around the truth.
+    assert math.isfinite(prv) and prv >= 0 and math.isfinite(prv_more) and prv_more >= 0
+    assert prv <= rdp + PRV_EPS_ERROR
+    assert prv_more <= prv + 2 * PRV_EPS_ERROR
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    zs=st.lists(_log_uniform(1.0, 100.0), min_size=1, max_size=3),
+    q=_log_uniform(1e-3, 0.5),
+    rounds=st.integers(1, 50),
+    delta=_DELTA,
+)
+def test_accountant_and_client_guard_are_never_negative(
+    zs: list[float], q: float, rounds: int, delta: float
+) -> None:
+    # Prepare: a run whose rounds carry different effective z (participant counts vary).
+    history = [MechanismStep(z, q, rounds) for z in zs]
+
+    # Execute
+    accountant = PrivacyAccountant(delta=delta, history=history)
+    guard = client_epsilon_after(
+        server_round=rounds, noise_multiplier=min(zs), sample_rate=q, delta=delta
+    )
+
+    # Assert: what the ledger records (epsilon_rdp every round, PRV at the last) and the guard.
+    assert math.isfinite(accountant.epsilon_rdp) and accountant.epsilon_rdp >= 0
+    prv = accountant.epsilon_prv()
+    assert math.isfinite(prv) and 0 <= prv <= accountant.epsilon_rdp
+    assert math.isfinite(guard) and guard >= 0
+
+
+# --- reproduced: negative epsilon at a large delta (z=23.8, q=0.5, delta=0.0156) -----------------
+
+REPRO_STEP = MechanismStep(23.8, 0.5, 1)
+REPRO_DELTA = 0.0156
+
+
+@pytest.mark.parametrize("kind", list(AccountantKind))
+def test_reproduced_negative_epsilon_is_reported_as_zero(kind: AccountantKind) -> None:
+    # Opacus alone gives -0.0044 (RDP) and -0.0020 (PRV): (0, delta)-DP, reported as 0.
+    eps = compute_epsilon([REPRO_STEP], delta=REPRO_DELTA, accountant=kind)
+    assert eps == 0.0
+
+
+def test_reproduced_case_is_never_negative_in_any_accountant_api() -> None:
+    # Prepare
+    accountant = PrivacyAccountant(delta=REPRO_DELTA, history=[REPRO_STEP])
+    tracker = RdpTracker()
+    tracker.add(REPRO_STEP)
+
+    # Execute / Assert: the ledger's epsilon and epsilon_rdp, the guard's, the tracker's.
+    assert accountant.epsilon_rdp == 0.0
+    assert accountant.epsilon_prv() == 0.0
+    assert tracker.epsilon(REPRO_DELTA) == 0.0
+    guard = client_epsilon_after(
+        server_round=1, noise_multiplier=23.8, sample_rate=0.5, delta=REPRO_DELTA
+    )
+    assert guard == 0.0
+
+
+@pytest.mark.parametrize("kind", list(AccountantKind))
+@pytest.mark.parametrize("target", [1e-6, 0.01, 0.0199])
+def test_reproduced_tiny_target_is_refused_before_any_accounting(
+    kind: AccountantKind, target: float
+) -> None:
+    with pytest.raises(ValueError, match=r"below what the PRV accountant can certify") as err:
+        calibrate_noise_multiplier(
+            target_epsilon=target, delta=REPRO_DELTA, sample_rate=0.5, steps=1, accountant=kind
+        )
+    assert "\n" not in str(err.value)  # one line, as the CLI shows it
+    assert f"target epsilon {target:g} at delta 0.0156" in str(err.value)
+
+
+def test_reproduced_small_target_calibrates_to_a_positive_epsilon_within_it() -> None:
+    # Prepare: 0.05 is above the floor 2 * eps_error; before the fix the search stopped at a
+    # z whose epsilon was negative, which the ledger then refused after round 1.
+    z = calibrate_noise_multiplier(
+        target_epsilon=0.05, delta=REPRO_DELTA, sample_rate=0.5, steps=1, accountant=PRV
+    )
+
+    # Execute
+    eps = compute_epsilon([MechanismStep(z, 0.5, 1)], delta=REPRO_DELTA, accountant=PRV)
+
+    # Assert
+    assert 0 < eps <= 0.05
+    assert math.isfinite(z) and z > 0
 
 
 # --- calibration ---------------------------------------------------------------------------------
@@ -142,6 +307,67 @@ def test_calibration_never_overshoots_and_is_tight_rdp(target: float, q: float, 
 )
 def test_calibration_never_overshoots_and_is_tight_prv(target: float, q: float, steps: int) -> None:
     _check_calibration(target, q, steps, PRV)
+
+
+def _check_never_overshoots(
+    target: float, q: float, steps: int, delta: float, kind: AccountantKind
+) -> None:
+    try:
+        z = calibrate_noise_multiplier(
+            target_epsilon=target, delta=delta, sample_rate=q, steps=steps, accountant=kind
+        )
+    except ValueError as err:
+        if "takes part in any" in str(err):  # (0, delta)-DP without noise: nothing to calibrate
+            assert delta >= 1 - (1 - q) ** steps * (1 + 1e-12)
+            return
+        # otherwise only where even the most noise cannot reach the target
+        assert "cannot reach" in str(err), str(err)
+        at_most_noise = MechanismStep(MAX_NOISE_MULTIPLIER, q, steps)
+        assert compute_epsilon([at_most_noise], delta=delta, accountant=kind) > target
+        return
+    eps = compute_epsilon([MechanismStep(z, q, steps)], delta=delta, accountant=kind)
+    assert 0 < eps <= target
+
+
+@settings(max_examples=6, deadline=None)
+@given(target=_log_uniform(MIN_TARGET_EPSILON, 20.0), q=_Q, steps=_STEPS, delta=_DELTA)
+def test_calibrated_z_never_overshoots_over_wide_ranges_rdp(
+    target: float, q: float, steps: int, delta: float
+) -> None:
+    _check_never_overshoots(target, q, steps, delta, RDP)
+
+
+# PRV: ranges whose search stays on grids of about a second. A target far above epsilon(z=1)
+# sends the search to z < 0.3, where PRV's grid (which grows with epsilon and sqrt(steps)) takes
+# 5 to 20 s per evaluation.
+@settings(max_examples=4, deadline=None)
+@given(
+    target=_log_uniform(MIN_TARGET_EPSILON, 4.0),
+    q=_log_uniform(1e-3, 0.5),
+    steps=st.integers(1, 100),
+    delta=_DELTA,
+)
+def test_calibrated_z_never_overshoots_over_wide_ranges_prv(
+    target: float, q: float, steps: int, delta: float
+) -> None:
+    _check_never_overshoots(target, q, steps, delta, PRV)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    target=_log_uniform(1e-12, MIN_TARGET_EPSILON).filter(lambda t: t < MIN_TARGET_EPSILON),
+    q=_Q,
+    steps=_STEPS,
+    delta=_DELTA,
+    kind=st.sampled_from(list(AccountantKind)),
+)
+def test_tiny_targets_are_refused(
+    target: float, q: float, steps: int, delta: float, kind: AccountantKind
+) -> None:
+    with pytest.raises(ValueError, match=r"below what the PRV accountant can certify"):
+        calibrate_noise_multiplier(
+            target_epsilon=target, delta=delta, sample_rate=q, steps=steps, accountant=kind
+        )
 
 
 def test_calibration_rejects_unreachable_target() -> None:

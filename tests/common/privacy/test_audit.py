@@ -35,10 +35,15 @@ POPULATION = 100
 Q = 0.05
 M = Q * POPULATION  # expected participants: 5
 Z = 1.1
-DELTA = 1e-4  # <= 1 / N^1.1 = 6.3e-3
-# heterogeneous participation (so effective multipliers differ); round 9 had too few to release
-PARTICIPATION = [5, 5, 5, 4, 4, 6, 6, 6, 1, 5, 5, 4, 4, 4, 6, 6, 5, 5, 4, 5]
-MIN_PARTICIPANTS = 2
+DELTA = 1e-4  # <= 1 / N^1.1 = 6.3e-3, set in the config
+# heterogeneous participation (so effective multipliers differ); no update came back in round 9
+PARTICIPATION = [5, 5, 5, 4, 4, 6, 6, 6, 0, 5, 5, 4, 4, 4, 6, 6, 5, 5, 4, 5]
+MIN_PARTICIPANTS = 1
+CONFIG: dict[str, Any] = {  # the header's config: common.config.to_dict of a RunConfig
+    "rounds": len(PARTICIPATION),
+    "server": {"sample_rate": Q},
+    "privacy": {"mode": "client", "clip": 1.0, "noise_multiplier": Z, "delta": DELTA},
+}
 
 
 def _rounds() -> list[dict[str, Any]]:
@@ -50,7 +55,8 @@ def _rounds() -> list[dict[str, Any]]:
     eps_rdp = 0.0
     for r, participated in enumerate(PARTICIPATION, start=1):
         released = participated >= MIN_PARTICIPANTS
-        z_eff = Z * math.sqrt(participated / M)
+        # a round that released nothing records the configured z (charge_round)
+        z_eff = Z * math.sqrt(participated / M) if released else Z
         if released:
             if z_eff not in curves:
                 curves[z_eff] = np.asarray(
@@ -96,7 +102,7 @@ def _write(path: Path, rounds: list[dict[str, Any]], *, stop: int | None = None)
         {
             "run_id": "audit-test",
             "code_version": "0.1.0+test",
-            "config": {"rounds": len(rounds), "sample_rate": Q},
+            "config": CONFIG,
             "population": POPULATION,
             "delta": DELTA,
             "mode": "client",
@@ -372,7 +378,7 @@ def test_dp_off_is_unbounded_and_fails_any_budget(tmp_path: Path) -> None:
         {
             "run_id": "off",
             "code_version": "test",
-            "config": {},
+            "config": {"rounds": 1},
             "population": POPULATION,
             "delta": DELTA,
             "mode": "off",

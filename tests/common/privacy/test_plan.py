@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +12,15 @@ from hypothesis import strategies as st
 
 from common.privacy import (
     MechanismStep,
+    PrivacyAccountant,
     RdpTracker,
     dpsgd_shape,
     participation_factor,
     plan_privacy,
 )
+from common.privacy.ledger import MECHANISM, LedgerMode, round_problem
+from common.privacy.plan import MIN_TARGET_EPSILON, check_target_epsilon
+from common.privacy.rounds import charge_round, client_round_step
 from common.run.config import (
     ClientConfig,
     PrivacyConfig,
@@ -108,3 +113,89 @@ def test_example_mode_needs_sgd() -> None:
             client=ClientConfig(optimizer="adam"),
             privacy=PrivacyConfig(mode=PrivacyMode.EXAMPLE, noise_multiplier=1.0),
         )
+
+
+# --- reproduced: a tiny target at a large delta (N = 44, q = 0.5, delta = 0.0156) ----------------
+
+_REPRO = {"q": 0.5, "rounds": 2}
+_REPRO_DELTA = 0.0156
+_REPRO_POPULATION = 44
+
+
+def _repro_privacy(target: float) -> PrivacyConfig:
+    return PrivacyConfig(
+        mode=PrivacyMode.CLIENT, target_epsilon=target, delta=_REPRO_DELTA, accountant="rdp"
+    )
+
+
+@pytest.mark.parametrize("target", [1e-6, 0.01])
+def test_plan_refuses_a_target_below_what_prv_can_certify_in_one_line(target: float) -> None:
+    # Before the fix, 1e-6 was accepted (z 67.6), and the run failed after round 1 writing the
+    # ledger (epsilon -0.0041).
+    cfg = _run(_repro_privacy(target), **_REPRO)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="below what the PRV accountant can certify") as err:
+        plan_privacy(cfg, _REPRO_POPULATION)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"target epsilon {target:g} at delta 0.0156 is below")
+    assert f"must be >= {MIN_TARGET_EPSILON:g}" in message
+    with pytest.raises(ValueError, match="below what the PRV accountant can certify"):
+        check_target_epsilon(target_epsilon=target)  # the CLI's check before any run folder
+
+
+def test_check_target_epsilon_accepts_the_floor_and_names_bad_parameters() -> None:
+    check_target_epsilon(target_epsilon=MIN_TARGET_EPSILON)
+    check_target_epsilon(target_epsilon=8.0, delta=1e-5)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="target_epsilon"):
+            check_target_epsilon(target_epsilon=bad)
+    with pytest.raises(ValueError, match="delta"):
+        check_target_epsilon(target_epsilon=1.0, delta=1.5)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")  # RDP at z ~ 11: alpha 63
+def test_a_small_certifiable_target_runs_and_every_ledger_line_is_valid() -> None:
+    # Prepare: 0.05 >= MIN_TARGET_EPSILON; every round is charged at the planned floor or above.
+    cfg = _run(_repro_privacy(0.05), **_REPRO)  # type: ignore[arg-type]
+    plan = plan_privacy(cfg, _REPRO_POPULATION)
+    assert plan is not None and plan.delta == _REPRO_DELTA
+    accountant = PrivacyAccountant(delta=plan.delta)
+
+    # Execute: rounds with all, most and few of the m = 22 expected participants
+    records = []
+    for rnd, participated in zip((1, 2), (22, 30), strict=True):
+        step = client_round_step(plan, participated=participated)
+        records.append(
+            charge_round(
+                accountant,
+                plan,
+                server_round=rnd,
+                invited=participated,
+                participated=participated,
+                step=step,
+            ).to_record()
+        )
+
+    # Assert: the ledger accepts every line (epsilon >= 0), and the run stays within its target.
+    for rec in records:
+        line = {"mechanism": MECHANISM, **rec}  # as LedgerWriter.append writes it
+        problem = round_problem(line, mode=LedgerMode.CLIENT, population=_REPRO_POPULATION)
+        assert problem is None, problem
+        assert 0 <= rec["epsilon"] <= rec["epsilon_rdp"] + 1e-12
+    assert records[-1]["epsilon_rdp"] <= 0.05
+
+
+def test_cli_refuses_a_tiny_target_in_one_line_before_writing_the_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulations.cli import main
+
+    run_dir = tmp_path / "run"
+    sets = ["privacy.mode=client", "privacy.target_epsilon=1e-6", f"privacy.delta={_REPRO_DELTA}"]
+    code = main(["simulate", "--out", str(run_dir), *(f"--set={item}" for item in sets)])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "fedrec: error: privacy: target epsilon 1e-06 at delta 0.0156 is below what the PRV "
+        "accountant can certify (its error is 0.01): target_epsilon must be >= 0.02"
+    )
+    assert not run_dir.exists()
