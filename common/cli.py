@@ -1,5 +1,7 @@
 """Shared plumbing of the ``fedrec`` command line, and the commands that need only ``common/``.
 
+(Over 400 lines: the shared CLI plumbing and the commands of the ground floor, one parser tree.)
+
 The CLI owns the terminal: it configures logging, draws progress bars and turns
 :class:`~common.errors.FedrecError` into a one-line message and a non-zero exit. Each layer
 registers its own commands: this module the data, key and ledger-audit commands

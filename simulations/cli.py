@@ -1,5 +1,7 @@
 """The ``fedrec`` console script: its parser, ``main``, and the operator's commands.
 
+(Over 400 lines: the operator's commands and the console script of every layer.)
+
 The top of the layers: :func:`build_parser` gathers every layer's commands (:mod:`common.cli`:
 ``data``, ``audit verify``, ``keys``; :mod:`client.cli`: ``recommend``, ``client join``;
 :mod:`server.deploy.cli`: ``deploy``) and adds the ones that drive simulations and benchmarks

@@ -1,5 +1,7 @@
 """``fedrec simulate``: prepare a run folder, run Flower's simulation, report, clean up.
 
+(Over 400 lines: a simulation's whole process life: prepare, start, follow, stop.)
+
 The run folder has one owner: :func:`claim_run_dir` takes its lock (``RUN_DIR/.lock``,
 :class:`common.run.owner.RunLock`) before anything is written there, refuses a folder in use,
 takes over the lock of a run that died, and refuses to start a new run over another run's

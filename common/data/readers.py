@@ -1,5 +1,7 @@
 """Interaction-file formats: detect which one a path holds and read its rows.
 
+(Over 400 lines: one reader per supported file format, behind one detection function.)
+
 Supported (see docs/design.md, "Data protocol"):
 
 ========================  ====================================  ===========================

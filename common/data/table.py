@@ -1,5 +1,7 @@
 """Fast reading of delimited text tables, with errors that name the file and line.
 
+(Over 400 lines: the typed interaction table and its id handling are one data structure.)
+
 Files are read in blocks of whole lines. Each block is checked for NUL bytes and decoding
 errors, then the field count of every line is checked with NumPy on the raw bytes, so a file of
 tens of millions of rows is split with one ``str.split`` per block rather than one per line.

@@ -1,5 +1,7 @@
 """Privacy accounting: the one composition of Gaussian mechanisms everybody uses.
 
+(Over 400 lines: the one composition code path (PRV, RDP, their guards) kept in one place.)
+
 One round of client-level DP-FedAvg (McMahan, Ramage, Talwar and Zhang 2018, "Learning
 Differentially Private Recurrent Language Models", ICLR 2018, Algorithm 1 and section 2) is one
 use of the Poisson-subsampled Gaussian mechanism (:class:`MechanismStep`); a silo's DP-SGD round

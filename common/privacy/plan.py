@@ -1,5 +1,7 @@
 """Planning a run's privacy: the noise multiplier, delta and the mechanism's shape per round.
 
+(Over 400 lines: the plan and the calibration search it runs are one computation.)
+
 :func:`plan_privacy` resolves ``cfg.privacy`` for a population into a :class:`DPPlan`: with a
 target epsilon it calibrates z (:func:`common.privacy.accounting.calibrate_noise_multiplier`),
 at client level for a low quantile of the Binomial(N, q) participant count

@@ -1,5 +1,7 @@
 """Ed25519 signatures on the privacy ledger: the server signs every line, devices co-sign.
 
+(Over 400 lines: keys, signatures and co-signatures of the ledger are one scheme.)
+
 The hash chain (:mod:`common.privacy.ledger`) shows that a ledger was edited, but anyone can
 rewrite a whole ledger consistently and hash it again. Signatures tie the lines to keys:
 

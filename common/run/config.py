@@ -1,5 +1,7 @@
 """The federated run's configuration: one frozen dataclass tree, read by server and clients.
 
+(Over 400 lines: one frozen dataclass per config section, each with its checks.)
+
 An operator writes it as TOML (``simulations/configs/*.toml``) and overrides keys with
 ``--set dotted.key=value``. :func:`load_run_config` parses it once, at the edge; the resolved
 config is written to ``RUN_DIR/config.toml`` and both the ServerApp and the ClientApps read that

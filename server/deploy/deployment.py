@@ -1,5 +1,7 @@
 """A networked Flower 1.42 deployment on one machine: TLS SuperLink, authenticated SuperNodes.
 
+(Over 400 lines: one deployment's processes: started, watched, stopped.)
+
 This is the process manager behind the deployment test and the operator's dry run. It drives
 Flower's own command-line tools, exactly as an operator would on real machines:
 
