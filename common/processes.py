@@ -191,8 +191,15 @@ def stop_tree(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> list[int]
 @contextlib.contextmanager
 def interrupts_raise() -> Iterator[None]:
     """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP (a closed terminal) SystemExit with
-    exit code 128 + the signal number, so ``finally`` blocks run."""
-    exits = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    exit code 128 + the signal number, so ``finally`` blocks run.
+
+    A SIGHUP that was ignored on entry (``nohup fedrec ...``) stays ignored: the user asked the
+    command to outlive its terminal.
+    """
+    hup = getattr(signal, "SIGHUP", None)
+    exits = [signal.SIGTERM]
+    if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
+        exits.append(hup)
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     old = {sig: signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum)) for sig in exits}
     try:

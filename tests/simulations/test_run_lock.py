@@ -34,6 +34,11 @@ ROOT = Path(__file__).resolve().parents[2]
 FEDREC = [sys.executable, "-m", "simulations.cli"]
 
 
+def _default_hangup() -> None:
+    """In a child: SIGHUP terminates again, even when the test runs under ``nohup``."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _python(code: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
     """Run ``code`` in a fresh Python of this checkout (stdout piped, one line per event)."""
     return subprocess.Popen(  # type: ignore[call-overload]
@@ -41,6 +46,7 @@ def _python(code: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_hangup,
         **kwargs,
     )
 
@@ -351,7 +357,13 @@ def _rounds_done(run_dir: Path) -> int:
 def _kill_mid_run(cmd: list[str], run_dir: Path, sig: int, after: int) -> float:
     """Start ``cmd``, send ``sig`` to that process alone once round ``after`` is done, and wait
     until no process of the run is left; returns how long that took (seconds)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_default_hangup,
+    )
     try:
         assert _wait_until(lambda: _rounds_done(run_dir) >= after or proc.poll() is not None, 240)
         assert proc.poll() is None, "the run ended before it could be killed"
