@@ -385,7 +385,14 @@ def _cmd_data_export_split(args: argparse.Namespace) -> int:
         ds = load_dataset(
             args.dataset, cache_dir=args.cache_dir, min_rating=args.min_rating, strict=args.strict
         )
-        split = split_strong_generalization(ds, seed=args.seed)
+        try:
+            split = split_strong_generalization(
+                ds, seed=args.seed, n_heldout_users=args.n_heldout_users
+            )
+        except ValueError as err:  # too few users for the held-out users asked for
+            raise FedrecError(
+                f"{args.dataset}: {err}; choose fewer with --n-heldout-users"
+            ) from None
         paths = export_split(split, ds, args.out)
     for path in paths:
         out.print(str(path))
@@ -488,6 +495,13 @@ def add_data_commands(sub: Subparsers) -> None:
     p.add_argument("dataset", help="ml-100k, ml-1m, pinterest-20 or a data file or folder")
     p.add_argument("--out", type=Path, required=True, help="folder for the CSV files")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (a run's seed)")
+    p.add_argument(
+        "--n-heldout-users",
+        type=positive_int,
+        default=None,
+        help="validation and test users each (a run's data.n_heldout_users; default: 100 up "
+        "to 2,000 users, else 10%%)",
+    )
     _add_data_options(p)
     p.set_defaults(handler=_cmd_data_export_split)
 

@@ -251,3 +251,20 @@ def test_positive_int_refuses_what_is_not_at_least_1(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         positive_int(text)
     assert positive_int("1") == 1
+
+
+def test_export_split_of_a_small_data_set_is_a_usage_error_with_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from common.data import synthesize
+
+    data = synthesize(60, 40, seed=3, out_dir=tmp_path)
+    out = tmp_path / "split"
+    assert _fedrec(["data", "export-split", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--n-heldout-users" in err and "internal error" not in err
+    assert (
+        _fedrec(["data", "export-split", str(data), "--out", str(out), "--n-heldout-users", "8"])
+        == 0
+    )
+    assert (out / "test_holdout.csv").is_file()
