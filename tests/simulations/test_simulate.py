@@ -337,7 +337,15 @@ def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, synth_csv: Path
     assert all(r["he_encrypt_seconds"] > 0 and r["he_decrypt_seconds"] > 0 for r in rounds)
     keys = tmp_path / "he" / "keys"
     assert {p.name for p in keys.iterdir()} >= {"client.ctx", "server.ctx", "fingerprint"}
-    assert abs(finals["he"]["ndcg@100"] - finals["plain"]["ndcg@100"]) < 0.005
+    # The models differ only by CKKS and flooding error, which FedAdam's per-coordinate
+    # normalisation amplifies where an update is near 0 (by at most lr = 0.01 a round); NDCG@100
+    # of the 8 test users is coarse (one swap of two near-tied items moves it by ~0.008).
+    he_model = load_checkpoint(tmp_path / "he" / "model.pt").state_dict
+    plain_model = load_checkpoint(tmp_path / "plain" / "model.pt").state_dict
+    for key, plain in plain_model.items():
+        diff = (he_model[key] - plain).abs()
+        assert float(diff.mean()) < 1e-3 and float(diff.max()) <= 2 * 0.01 + 1e-6, key
+    assert abs(finals["he"]["ndcg@100"] - finals["plain"]["ndcg@100"]) < 0.02
 
 
 def test_same_seed_same_run(tmp_path: Path, synth_csv: Path) -> None:
