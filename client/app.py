@@ -9,6 +9,10 @@ selects its client in ``RUN_DIR/data/clients.npz``; the run folder and config co
 ``run_config["run-dir"]``. A device (``fedrec client join``) names its own history file in
 ``node_config["data"]`` and gets the run config and catalogue with each message
 (:mod:`client.store`).
+
+A train message of a warm-start release (``release`` in its config) asks for a statistic of
+the client's training rows instead of an update (:func:`release_reply`); the DP and HE mods
+treat the reply as any update.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -56,6 +61,7 @@ from common.protocol import (
     CONFIG_RECORD,
     DESERIALIZE_SECONDS,
     METRICS_RECORD,
+    RELEASE_STATISTIC,
     SERIALIZE_SECONDS,
     TRAIN_SECONDS,
     Divergence,
@@ -68,8 +74,9 @@ from common.protocol import (
 from common.rounds import split_seed, train_seed
 from common.run.config import RunConfig, load_run_config
 from common.run.folder import load_client_shard
+from common.warmstart import statistic
 
-__all__ = ["app"]
+__all__ = ["app", "release_reply"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +138,8 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"client {client_id}: injected failure (simulation.fail_clients)")
     config = msg.content.config_records[CONFIG_RECORD]
     round_config = RoundConfig.read(config)
+    if round_config.release is not None:  # a warm-start release: a statistic, no training
+        return Message(release_reply(round_config, data, t0), reply_to=msg)
     server_round = round_config.server_round
     global_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
     model_cfg = cfg.model.to_model_config(_n_items(global_state))
@@ -163,6 +172,34 @@ def train(msg: Message, context: Context) -> Message:
         dpsgd_sample_rate=dpsgd_sample_rate,
     ).to_record()
     return Message(RecordDict({ARRAYS_RECORD: arrays, METRICS_RECORD: metrics}), reply_to=msg)
+
+
+def release_reply(round_config: RoundConfig, data: LocalData, t0: float) -> RecordDict:
+    """The reply to a warm-start release: this client's statistic as its update.
+
+    :func:`common.warmstart.statistic` of ``round_config.release`` over the client's training
+    rows (the vocabulary's, for the co-occurrence), scaled to L2 norm at most 1: a one-user
+    client's already is; a silo's sum of users is clipped here as the DP mod clips it, so a run
+    without DP sums the same bounded values as the in-process engine. Weight 1 (the DP mod
+    divides by the announced denominator N); ``num-examples`` counts the users. ``t0``: when
+    the call started.
+    """
+    assert round_config.release is not None
+    t1 = time.perf_counter()
+    value = statistic(round_config.release, data.train, round_config.vocabulary)
+    norm = float(np.linalg.norm(value))
+    if norm > 1.0:
+        value = (value / norm).astype(np.float32)
+    t2 = time.perf_counter()
+    arrays = ArrayRecord({RELEASE_STATISTIC: torch.from_numpy(value)})
+    t3 = time.perf_counter()
+    metrics = TrainMetrics(
+        weight=1.0,
+        num_examples=data.n_users,
+        loss=0.0,
+        seconds={DESERIALIZE_SECONDS: t1 - t0, TRAIN_SECONDS: t2 - t1, SERIALIZE_SECONDS: t3 - t2},
+    ).to_record()
+    return RecordDict({ARRAYS_RECORD: arrays, METRICS_RECORD: metrics})
 
 
 _DPSGD_STATE = "fedrec-dpsgd"

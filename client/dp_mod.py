@@ -5,7 +5,11 @@ example-weighted delta becomes ``(clip_C(delta) + N(0, (zC)^2 / m)) / m`` (docs/
 "One training round", step 3; McMahan et al. 2018, Alg. 1 with the noise spread over the m
 expected participants). Before training it asks the client's own accountant whether one more
 round keeps the client within its budget; if not, it answers with a refusal that the server
-counts, not an error.
+counts, not an error. The guard takes the aggregator's view
+(:class:`common.privacy.accounting.AggregatorView`): the server knows who took part, so no
+amplification by sampling; the client composes the rounds and releases it took part in at
+sample rate 1, with the noise the server sees (the announced floor z of the sum when the run
+is encrypted, else its own share ``z / sqrt(m)``).
 
 The noise comes from the operating system's entropy, never from the run's seed: the server
 knows the seed, and predictable noise protects nothing. The one exception is a simulation whose
@@ -14,6 +18,13 @@ noise from :func:`seeded_noise_rng` ``(noise_seed, round, client id)``, the clie
 ``node_config["partition-id"]``. A device (``fedrec client join``, ``data`` in its node config)
 or any node without a partition id refuses a seed that reaches it with the run config, and
 sends no update.
+
+Warm-start releases (:mod:`common.warmstart`, ``release`` in the config) pass through the same
+clip, noise share and fixed denominator: the server announces the release's mechanism
+(:func:`common.privacy.rounds.release_plan`: clip 1, q = 1, m = N) and numbers the releases 1
+and 2 (``server-round``, as their ledger lines). Their seeded noise has its own streams
+(:func:`seeded_noise_rng` with ``release=True``), apart from the training rounds 1 and 2. The
+budget guard counts a release like a round it took part in.
 """
 
 from __future__ import annotations
@@ -36,10 +47,11 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.store import is_device
-from common.privacy import client_epsilon_after, privatize_update
+from common.privacy import gaussian_epsilon, privatize_update
 from common.protocol import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
+    HE_FINGERPRINT,
     METRICS_RECORD,
     WEIGHT,
     ClientDPConfig,
@@ -72,16 +84,24 @@ class SeededNoiseRefusedError(RuntimeError):
     """A node that is not a simulated client was asked to draw seeded (non-private) noise."""
 
 
-def seeded_noise_rng(noise_seed: int, *, server_round: int, client_id: int) -> np.random.Generator:
+def seeded_noise_rng(
+    noise_seed: int, *, server_round: int, client_id: int, release: bool = False
+) -> np.random.Generator:
     """The generator of a simulated client's DP noise under ``privacy.noise_seed`` (not private).
 
     ``default_rng([noise_seed, server_round, client_id])``: one stream per client and round,
-    shared by the Flower ClientApp and the in-process engine's exact client engine.
+    shared by the Flower ClientApp and the in-process engine's exact client engine. A
+    warm-start release (``release``, ``server_round`` its position 1 or 2) draws from
+    ``default_rng([noise_seed, server_round, client_id, 1])``, never a training round's stream.
     """
+    if release:
+        return np.random.default_rng([noise_seed, server_round, client_id, 1])
     return np.random.default_rng([noise_seed, server_round, client_id])
 
 
-def _noise_rng(context: Context, noise_seed: int | None, server_round: int) -> np.random.Generator:
+def _noise_rng(
+    context: Context, noise_seed: int | None, server_round: int, *, release: bool = False
+) -> np.random.Generator:
     """OS entropy, or the seeded stream of a simulated client (see the module docstring)."""
     if noise_seed is None:
         return np.random.default_rng()
@@ -91,7 +111,9 @@ def _noise_rng(context: Context, noise_seed: int | None, server_round: int) -> n
             "private, and this node is not a simulated client; it refuses to train"
         )
     client_id = int(context.node_config["partition-id"])
-    return seeded_noise_rng(noise_seed, server_round=server_round, client_id=client_id)
+    return seeded_noise_rng(
+        noise_seed, server_round=server_round, client_id=client_id, release=release
+    )
 
 
 def refusal(reason: str, epsilon: float) -> RecordDict:
@@ -120,18 +142,29 @@ def make_client_dp_mod(
             return call_next(msg, context)
         clip, noise_std, denominator = dp.clip, dp.noise_std, dp.denominator
         # the per-round z the server's calibration planned for (at a low participant count)
-        z, q, delta = dp.accounting_noise_multiplier, dp.sample_rate, dp.delta
-        server_round = RoundConfig.read(config).server_round
+        z, delta = dp.accounting_noise_multiplier, dp.delta
+        round_config = RoundConfig.read(config)
+        server_round = round_config.server_round
         for name, value in (("clip", clip), ("denominator", denominator)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"server sent an invalid {name}: {value}")
         noise_seed = None if noise_seed_of is None else noise_seed_of(context)
-        rng = _noise_rng(context, noise_seed, server_round)  # a device refuses a seed here
+        release = round_config.release is not None  # a warm-start release: its own stream
+        # a device refuses a seed here
+        rng = _noise_rng(context, noise_seed, server_round, release=release)
         budget = budget_of(context)
         epsilon = math.nan  # only computed when this client has a budget to guard
+        participations = context.state.config_records.get(_STATE_KEY, ConfigRecord())
+        seen = participations.get("inverse_variance", 0.0)
+        # against the aggregator, which knows who took part: no amplification; it sees the
+        # decrypted sum (z at the planned floor) when encrypted, else this client's own share
+        z_seen = z if HE_FINGERPRINT in config else dp.noise_multiplier / math.sqrt(denominator)
+        charge = (seen if isinstance(seen, float) else 0.0) + (
+            1.0 / z_seen**2 if z_seen > 0 else math.inf
+        )
         if budget is not None:
-            epsilon = client_epsilon_after(
-                server_round=server_round, noise_multiplier=z, sample_rate=q, delta=delta
+            epsilon = (
+                gaussian_epsilon(math.sqrt(charge), delta) if math.isfinite(charge) else math.inf
             )
             if epsilon > budget:
                 reason = f"epsilon {epsilon:.3g} would exceed budget {budget:.3g}"
@@ -150,8 +183,8 @@ def make_client_dp_mod(
             denominator=denominator,
             rng=rng,
         )
-        participations = context.state.config_records.get(_STATE_KEY, ConfigRecord())
         count = participations.get("participations", 0)
+        participations["inverse_variance"] = charge
         participations["participations"] = (count if isinstance(count, int) else 0) + 1
         if not math.isnan(epsilon):
             participations["epsilon"] = epsilon

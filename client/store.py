@@ -54,6 +54,8 @@ from common.protocol import (
     DPSGD_SAMPLE_RATE,
     DPSGD_STEPS,
     METRICS_RECORD,
+    RELEASE,
+    RELEASE_STATISTIC,
     SERVER_ROUND,
     is_refusal,
     read_accounting_noise_multiplier,
@@ -246,6 +248,9 @@ def _record_participation(
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **_mechanism(config, reply),
     }
+    release = config.get(RELEASE)
+    if isinstance(release, str):  # a warm-start release (its "round" is its position)
+        entry["release"] = release
     dp_state = context.state.config_records.get("fedrec-dp")  # client.dp_mod's own count
     if dp_state is not None and "epsilon" in dp_state:
         entry["epsilon"] = read_float(dp_state, "epsilon", record_name="fedrec-dp")
@@ -317,7 +322,7 @@ def _save_global_model(
     from common.checkpoint import Checkpoint, save_checkpoint
 
     record = msg.content.array_records.get(ARRAYS_RECORD)
-    if record is None:
+    if record is None or RELEASE_STATISTIC in record:  # a warm-start release carries no model
         return
     state = record.to_torch_state_dict()
     n_items = int(state["encoder.0.weight"].shape[1])  # (hidden, n_items)

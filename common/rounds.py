@@ -134,6 +134,8 @@ class RoundStats:
     """Client-side cost summed over the returned updates, by name (``train-seconds``, ...)."""
     server_seconds: dict[str, float] = field(default_factory=dict)
     """Server-side cost of the sum by name (``he-aggregate-seconds``, ``he-decrypt-seconds``)."""
+    contributors: list[int] = field(default_factory=list)
+    """Positions (in canonical node order) of the clients whose update entered the sum."""
 
 
 @dataclass

@@ -22,8 +22,20 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from common.privacy import DPPlan, MechanismStep, PrivacyAccountant, client_noise_std
-from common.privacy.rounds import charge_round, client_round_step, example_round_step
+from common.privacy import (
+    AggregatorView,
+    DPPlan,
+    MechanismStep,
+    PrivacyAccountant,
+    client_noise_std,
+)
+from common.privacy.rounds import (
+    PrivacyRound,
+    charge_aggregator,
+    charge_round,
+    client_round_step,
+    example_round_step,
+)
 from common.protocol import (
     METRICS_RECORD,
     ClientDPConfig,
@@ -56,12 +68,32 @@ class _DPLayer:
         Composes the rounds; holds the history of rounds already run when resuming.
     """
 
-    def __init__(self, inner: FedRecStrategy, plan: DPPlan, accountant: PrivacyAccountant) -> None:
+    def __init__(
+        self,
+        inner: FedRecStrategy,
+        plan: DPPlan,
+        accountant: PrivacyAccountant,
+        *,
+        aggregator: AggregatorView | None = None,
+        encrypted: bool = False,
+    ) -> None:
         if accountant.delta != plan.delta:
             raise ValueError(f"accountant delta {accountant.delta} is not the plan's {plan.delta}")
         self.inner = inner
         self.plan = plan
         self.accountant = accountant
+        self.aggregator = aggregator
+        self.encrypted = encrypted
+
+    def _with_aggregator(self, privacy: PrivacyRound, result: TrainResult) -> PrivacyRound:
+        """``privacy`` with the round's participants and the aggregator-view epsilon (client
+        level, when the contributors are known)."""
+        contributors = result.stats.contributors
+        if self.aggregator is None or len(contributors) != privacy.participated:
+            return privacy
+        return charge_aggregator(
+            self.aggregator, privacy, participants=contributors, encrypted=self.encrypted
+        )
 
     def _announce(self, config: ConfigRecord) -> None:
         raise NotImplementedError
@@ -93,6 +125,7 @@ class _DPLayer:
             participated=result.stats.returned,
             step=self._released(result),
         )
+        privacy = self._with_aggregator(privacy, result)
         return dataclasses.replace(result, privacy=privacy)
 
     def configure_evaluate(
@@ -135,10 +168,18 @@ class ClientDPStrategy(_DPLayer):
     is charged with the effective noise multiplier z * sqrt(k / m).
     """
 
-    def __init__(self, inner: FedRecStrategy, plan: DPPlan, accountant: PrivacyAccountant) -> None:
+    def __init__(
+        self,
+        inner: FedRecStrategy,
+        plan: DPPlan,
+        accountant: PrivacyAccountant,
+        *,
+        aggregator: AggregatorView | None = None,
+        encrypted: bool = False,
+    ) -> None:
         if not inner.fixed_denominator:
             raise ValueError("client-level DP needs a strategy with fixed_denominator=True")
-        super().__init__(inner, plan, accountant)
+        super().__init__(inner, plan, accountant, aggregator=aggregator, encrypted=encrypted)
 
     def _announce(self, config: ConfigRecord) -> None:
         p = self.plan
@@ -197,9 +238,16 @@ class ExampleDPStrategy(_DPLayer):
 
 
 def make_dp_strategy(
-    inner: FedRecStrategy, plan: DPPlan, accountant: PrivacyAccountant
+    inner: FedRecStrategy,
+    plan: DPPlan,
+    accountant: PrivacyAccountant,
+    *,
+    aggregator: AggregatorView | None = None,
+    encrypted: bool = False,
 ) -> ClientDPStrategy | ExampleDPStrategy:
-    """The DP layer of ``plan.mode`` around ``inner``."""
+    """The DP layer of ``plan.mode`` around ``inner``; at client level, ``aggregator`` (when
+    given) is charged with each round's participants (``encrypted``: the aggregator sees only
+    the decrypted sum)."""
     if plan.mode is PrivacyMode.EXAMPLE:
         return ExampleDPStrategy(inner, plan, accountant)
-    return ClientDPStrategy(inner, plan, accountant)
+    return ClientDPStrategy(inner, plan, accountant, aggregator=aggregator, encrypted=encrypted)

@@ -1,12 +1,16 @@
 """The server's round loop: wait for nodes, run rounds, evaluate, checkpoint, report.
 
+(Over 400 lines: the round protocol's named steps, warm start, rounds and finish, read together.)
+
 :func:`run_federation` reads top to bottom as the round protocol (docs/design.md, "One training
 round"): open the run (fresh or resumed), plan the privacy and open the ledger, wait for the
-client nodes, build the strategy (plain, with the encrypted sum and the DP layer around it), then
-for every round train (sample, send, aggregate, charge), evaluate every ``eval_every`` rounds on
-the held-out test users with the centralized run's metric code, and commit: the server state is
-checkpointed atomically before the round's ledger line, so a killed run resumes from its last
-complete round with no gap or duplicate in its results.
+client nodes, run the warm start's two releases once (``warm_start.enabled``,
+:mod:`server.warmstart`), build the strategy (plain, with the encrypted sum and the DP layer
+around it), then for every round train (sample, send, aggregate, charge), evaluate every
+``eval_every`` rounds on the held-out test users with the centralized run's metric code, and
+commit: the server state is checkpointed atomically before the round's (or the releases')
+ledger lines, so a killed run resumes from its last complete round with no gap or duplicate in
+its results, and never repeats a finished warm start.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from flwr.serverapp import Grid
 from common.checkpoint import Checkpoint, save_checkpoint
 from common.he import load_server_context
 from common.model import ModelConfig, anneal_beta, build_model
-from common.privacy import DPPlan, plan_privacy
+from common.privacy import AggregatorView, DPPlan, plan_privacy
 from common.privacy.ledger import LedgerWriter
-from common.privacy.rounds import privacy_summary, resume_accountant
+from common.privacy.rounds import privacy_summary, resume_accountant, resume_aggregator
 from common.privacy.signing import server_signer
 from common.protocol import RoundConfig
 from common.rounds import RoundRecord, test_metrics
@@ -43,11 +47,13 @@ from server.he import CommitteeSum
 from server.optimizer import ServerOpt, cosine_lr_scale, make_server_optimizer
 from server.state import STATE_FILE, RunOutputs, ServerState, open_ledger
 from server.strategy import FedRecStrategy, RoundStrategy
+from server.warmstart import WarmStartOutcome, run_warm_start
 
 __all__ = [
     "NoUpdateAppliedError",
     "build_strategy",
     "canonical_order",
+    "make_summer",
     "no_update_reason",
     "run_federation",
     "wait_for_nodes",
@@ -92,7 +98,14 @@ class _Run:
                 optimizer=optimizer.state_dict(),
                 config_hash=config_hash(cfg),
             )
-        return cls(run_dir, cfg, data, model_cfg, optimizer, state, RunOutputs(run_dir, cfg))
+        outputs = RunOutputs(run_dir, cfg, warm_start=state.warm_start)
+        return cls(run_dir, cfg, data, model_cfg, optimizer, state, outputs)
+
+    @property
+    def warm_started(self) -> bool:
+        """Whether the warm start ran and set the weights."""
+        warm = self.state.warm_start
+        return warm is not None and "error" not in warm
 
 
 def run_federation(
@@ -124,16 +137,55 @@ def run_federation(
     ledger = None if plan is None else open_ledger(run.dir, cfg, plan, run.state)
     nodes = _register_nodes(grid, cfg, run.dir, expected=expected_nodes, simulated=simulated)
     run.outputs.event(event="nodes", registered=len(nodes))
-    strategy = build_strategy(grid, cfg, run.dir, run.optimizer, nodes, plan, run.state)
-    strategy.summary()
+    summer = make_summer(grid, cfg, run.dir, plan)
     # Devices cannot read the run folder: messages carry the config and catalogue (public)
     run_info = {} if simulated else run_info_config(cfg, run.data.item_ids)
+    if cfg.warm_start.enabled and run.state.warm_start is None:
+        accountant = None if plan is None else resume_accountant(plan, run.state.ledger_records())
+        warm = run_warm_start(
+            grid,
+            cfg,
+            nodes=nodes,
+            plan=plan,
+            accountant=accountant,
+            summer=summer,
+            aggregator=None if plan is None else _aggregator(cfg, plan, run.state),
+            model_cfg=run.model_cfg,
+            template=run.state.weights,
+            data=run.data,
+            run_info=run_info,
+        )
+        _commit_warm_start(run, warm, ledger)
+    strategy = build_strategy(
+        grid, cfg, run.dir, run.optimizer, nodes, plan, run.state, summer=summer
+    )
+    strategy.summary()
     reasons: list[str] = []  # why updates were lost, in this process's rounds
     for rnd in range(run.state.round + 1, cfg.rounds + 1):
         record, cosignatures = _run_round(grid, run, strategy, rnd, run_info)
         reasons.extend(record.stats.reasons)
         _commit_round(run, record, ledger, cosignatures)
     _finish(run, plan, ledger, reasons)
+
+
+def make_summer(
+    grid: Grid, cfg: RunConfig, run_dir: Path, plan: DPPlan | None
+) -> CommitteeSum | None:
+    """The encrypted sum of an encrypted run (``None``: plaintext sums), shared by the warm
+    start's releases and the rounds."""
+    if not cfg.encryption.enabled:
+        logger.warning("encryption.enabled = false: the server sees each client's update")
+        return None
+    return CommitteeSum(
+        load_server_context(cfg.encryption.keys_dir(run_dir)),
+        grid,
+        committee_size=cfg.encryption.committee_size,
+        timeout=cfg.server.round_timeout,
+        seed=cfg.seed,
+        # the committee co-signs the rounds of a signed ledger (common.privacy.signing)
+        run_id=run_dir.name if plan is not None else None,
+        server_key=server_signer(run_dir).public_key if plan is not None else None,
+    )
 
 
 def build_strategy(
@@ -144,26 +196,18 @@ def build_strategy(
     nodes: list[int],
     plan: DPPlan | None,
     state: ServerState,
+    *,
+    summer: CommitteeSum | None = None,
 ) -> RoundStrategy:
     """The plain strategy, with the encrypted sum and the DP layer of ``plan`` around it.
 
     With client-level DP the clients pre-scale their updates by 1/m, so the plain strategy sums
-    with the fixed denominator; the DP layer's accountant resumes from the rounds in ``state``.
+    with the fixed denominator; the DP layer's accountant resumes from the warm start's
+    releases and the rounds in ``state``, in that order. ``summer``: the encrypted sum to use
+    (default: a new one in an encrypted run, :func:`make_summer`).
     """
-    summer = None
-    if cfg.encryption.enabled:
-        summer = CommitteeSum(
-            load_server_context(cfg.encryption.keys_dir(run_dir)),
-            grid,
-            committee_size=cfg.encryption.committee_size,
-            timeout=cfg.server.round_timeout,
-            seed=cfg.seed,
-            # the committee co-signs the rounds of a signed ledger (common.privacy.signing)
-            run_id=run_dir.name if plan is not None else None,
-            server_key=server_signer(run_dir).public_key if plan is not None else None,
-        )
-    else:
-        logger.warning("encryption.enabled = false: the server sees each client's update")
+    if summer is None and cfg.encryption.enabled:
+        summer = make_summer(grid, cfg, run_dir, plan)
     plain = FedRecStrategy(
         cfg.server,
         optimizer,
@@ -178,8 +222,19 @@ def build_strategy(
     if plan is None:
         logger.warning("privacy.mode = 'off': updates carry no differential privacy")
         return plain
-    accountant = resume_accountant(plan, (r["ledger"] for r in state.rounds))
-    return make_dp_strategy(plain, plan, accountant)
+    accountant = resume_accountant(plan, state.ledger_records())
+    return make_dp_strategy(
+        plain,
+        plan,
+        accountant,
+        aggregator=_aggregator(cfg, plan, state),
+        encrypted=cfg.encryption.enabled,
+    )
+
+
+def _aggregator(cfg: RunConfig, plan: DPPlan, state: ServerState) -> AggregatorView:
+    """The aggregator view of the lines already in ``state`` (none in a fresh run)."""
+    return resume_aggregator(plan.delta, state.ledger_records(), encrypted=cfg.encryption.enabled)
 
 
 def _register_nodes(
@@ -269,6 +324,31 @@ def _commit_round(
     run.outputs.event(event="round", **row)
 
 
+def _commit_warm_start(run: _Run, warm: WarmStartOutcome, ledger: LedgerWriter | None) -> None:
+    """Save the warm start in the state (its weights, releases and summary, with the
+    warm-started model's test metrics), then append its release lines, then report it: the
+    order of :func:`_commit_round`."""
+    state = run.state
+    summary = dict(warm.summary)
+    if warm.weights is not None:
+        state.weights = warm.weights
+        summary["test"] = test_metrics(run.model_cfg, warm.weights, run.data)
+        logger.info("warm start: test NDCG@100 %.4f", summary["test"]["ndcg@100"])
+    else:
+        logger.error("warm start failed, the rounds start from the initial model: %s", summary)
+    state.releases = [release.row() for release in warm.releases]
+    state.warm_start = summary
+    state.save(run.dir / STATE_FILE)
+    if ledger is not None:
+        for release in warm.releases:
+            if release.result.privacy is not None:
+                kept = release.result.cosignatures if ledger.signed else []
+                ledger.append_release(release.result.privacy.to_record(), cosignatures=kept)
+    run.outputs.warm_start = summary
+    run.outputs.write_rounds(state.rounds, None)
+    run.outputs.event(event="warm_start", **summary, rows=state.releases)
+
+
 def no_update_reason(rounds: list[dict[str, Any]], reasons: list[str]) -> str | None:
     """Why no round of ``rounds`` (their records) applied an update; ``None`` if one did.
 
@@ -300,18 +380,22 @@ def _finish(
     Raises
     ------
     NoUpdateAppliedError
-        If no round applied an update: the results and the ledger are still completed (and the
-        ``done`` event carries the ``error``), but no ``model.pt`` of the untrained model.
+        If neither the warm start nor any round applied an update: the results and the
+        ledger are still completed (and the ``done`` event carries the ``error``), but no
+        ``model.pt`` of the untrained model.
     """
     cfg, weights = run.cfg, run.state.weights
     final: dict[str, Any] = {"test": test_metrics(run.model_cfg, weights, run.data)}
     if plan is not None and ledger is not None:
-        last = run.state.rounds[-1]["ledger"] if run.state.rounds else None
-        final["privacy"] = privacy_summary(plan, last)
+        records = run.state.ledger_records()  # the last round's, or the last release's
+        final["privacy"] = privacy_summary(plan, records[-1] if records else None)
         ledger.close(
-            epsilon=final["privacy"]["epsilon"], epsilon_rdp=final["privacy"]["epsilon_rdp"]
+            epsilon=final["privacy"]["epsilon"],
+            epsilon_rdp=final["privacy"]["epsilon_rdp"],
+            epsilon_aggregator=final["privacy"]["epsilon_aggregator"],
         )
-    error = no_update_reason(run.state.rounds, reasons)
+    # a warm start that set the weights is an update: the model is not the initial one
+    error = None if run.warm_started else no_update_reason(run.state.rounds, reasons)
     if error is not None:
         final["error"] = error
         run.outputs.write_rounds(run.state.rounds, final)
@@ -329,6 +413,7 @@ def _finish(
             metadata={
                 "trainer": "federated",
                 "rounds": cfg.rounds,
+                "warm_start": run.warm_started,
                 "seed": cfg.seed,
                 "test": final["test"],
             },

@@ -1,9 +1,10 @@
 """What a run keeps on disk between rounds: the server state and the files reported each round.
 
 - :class:`ServerState` (``RUN_DIR/server_state.pt``): the model, the optimizer, every round's
-  record so far and the :func:`~common.run.owner.config_hash` of the run's config, saved
-  atomically after each round, so a killed run resumes after its last complete round with no
-  gap or duplicate, and never under another config.
+  record so far (and the warm start's releases and summary, :mod:`server.warmstart`) and the
+  :func:`~common.run.owner.config_hash` of the run's config, saved atomically after the warm
+  start and after each round, so a killed run resumes after its last complete step with no
+  gap or duplicate (and never runs its warm start twice), and never under another config.
 - :class:`RunOutputs`: ``progress.jsonl`` (events for the CLI), ``rounds.csv`` and
   ``results.json``, rewritten atomically after each round.
 - :func:`open_ledger`: the privacy ledger, created or continued (a ledger that lags the state
@@ -43,7 +44,10 @@ class ServerState:
     """Everything needed to continue a run: the model, the optimizer and the rounds so far.
 
     ``config_hash`` is the :func:`~common.run.owner.config_hash` of the config the run started
-    with (``None`` in a state saved before fedrec recorded it).
+    with (``None`` in a state saved before fedrec recorded it). ``releases`` holds the warm
+    start's release records (a round's record plus ``release``, with its ``ledger`` record
+    under DP) and ``warm_start`` its summary (``results.json``'s ``warm_start``); ``None``
+    until the warm start ran (or without one).
     """
 
     round: int
@@ -51,6 +55,12 @@ class ServerState:
     optimizer: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
     config_hash: str | None = None
+    releases: list[dict[str, Any]] = field(default_factory=list)
+    warm_start: dict[str, Any] | None = None
+
+    def ledger_records(self) -> list[dict[str, Any]]:
+        """The ledger records charged so far, in order: the releases', then the rounds'."""
+        return [r["ledger"] for r in [*self.releases, *self.rounds] if r.get("ledger")]
 
     def save(self, path: Path) -> None:
         """Write the state atomically (tensors and plain containers only)."""
@@ -67,6 +77,8 @@ class ServerState:
             },
             "rounds": json.dumps(self.rounds),
             "config_hash": self.config_hash or "",
+            "releases": json.dumps(self.releases),
+            "warm_start": json.dumps(self.warm_start),
         }
         buf = io.BytesIO()
         torch.save(payload, buf)
@@ -101,6 +113,8 @@ class ServerState:
             },
             rounds=json.loads(payload["rounds"]),
             config_hash=saved,
+            releases=json.loads(payload.get("releases", "[]")),
+            warm_start=json.loads(payload.get("warm_start", "null")),
         )
 
     @staticmethod
@@ -115,21 +129,25 @@ class ServerState:
 def open_ledger(run_dir: Path, cfg: RunConfig, plan: DPPlan, state: ServerState) -> LedgerWriter:
     """Create ``RUN_DIR/ledger.jsonl``, or continue it when resuming.
 
-    The server state is saved before the ledger line of a round, so after a crash between the
-    two the ledger can lag one round behind the state: that line is written again from the
-    state's record of the round (without the committee's co-signatures, which the state does
-    not keep). Every line is signed with the server's key, ``RUN_DIR/signing/server.key``
-    (:mod:`common.privacy.signing`, made with the ledger).
+    The server state is saved before the ledger line of a round (and before the warm start's
+    release lines), so after a crash between the two the ledger can lag one round (or the
+    releases) behind the state: those lines are written again from the state's records
+    (without the committee's co-signatures, which the state does not keep). Every line is
+    signed with the server's key, ``RUN_DIR/signing/server.key`` (:mod:`common.privacy.signing`,
+    made with the ledger).
     """
     path = run_dir / "ledger.jsonl"
     if not path.exists():
-        if state.round > 0:
-            raise RuntimeError(f"{path} is missing but the run is at round {state.round}")
+        if state.round > 0 or state.releases:
+            at = f"round {state.round}" if state.round > 0 else "its warm start"
+            raise RuntimeError(f"{path} is missing but the run is past {at}")
         header = ledger_header(run_id=run_dir.name, cfg=cfg, plan=plan)
         return LedgerWriter.create(path, header, signer=server_signer(run_dir))
     writer = LedgerWriter.open_existing(path, signer=server_signer(run_dir))  # signed: its key
-    rounds_in_ledger = sum(1 for r in read_ledger(path) if r.get("type") == "round")
-    for record in state.rounds[rounds_in_ledger:]:
+    kinds = [r.get("type") for r in read_ledger(path)]
+    for record in state.releases[kinds.count("release") :]:
+        writer.append_release(record["ledger"])
+    for record in state.rounds[kinds.count("round") :]:
         writer.append_round(record["ledger"])
     return writer
 
@@ -148,12 +166,19 @@ def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class RunOutputs:
-    """The files a run keeps up to date after every round."""
+    """The files a run keeps up to date after every round.
 
-    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+    ``warm_start``: the warm start's summary, written into ``results.json`` with every update
+    (``None`` until it ran, or without one).
+    """
+
+    def __init__(
+        self, run_dir: Path, cfg: RunConfig, *, warm_start: dict[str, Any] | None = None
+    ) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
         self.progress = run_dir / "progress.jsonl"
+        self.warm_start = warm_start
 
     def event(self, **fields: Any) -> None:
         """Append one event (``start``, ``nodes``, ``round``, ``done``) to ``progress.jsonl``."""
@@ -179,5 +204,6 @@ class RunOutputs:
                 "config": to_dict(self.cfg),
                 "rounds": rounds,
                 "final": final,
+                "warm_start": self.warm_start,
             },
         )

@@ -226,6 +226,7 @@ class FedRecStrategy(Strategy):
         """Sum the pre-weighted updates, divide by the summed weight, apply the optimizer."""
         stats = self._stats
         replies = self._canonical(replies)  # sum in a fixed order
+        rank = {node: i for i, node in enumerate(self.node_ids)}
         stats.dropped = stats.invited - len(replies)
         self.summer.begin(server_round, self._global)
         weight = 0.0
@@ -266,6 +267,9 @@ class FedRecStrategy(Strategy):
                 stats.reasons.append(f"node {msg.metadata.src_node_id}: {problem}")
                 continue
             stats.returned += 1
+            position = rank.get(msg.metadata.src_node_id)
+            if position is not None:
+                stats.contributors.append(position)
             weight += reply_weight
             for key, value in reply_seconds.items():
                 seconds[key] = seconds.get(key, 0.0) + value

@@ -261,20 +261,38 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if plain:
         note("starting Flower")
     with Progress(*columns, console=console, disable=plain) as progress:
-        task = progress.add_task("rounds", total=cfg.rounds, info="starting Flower")
+        warm = 2 if cfg.warm_start.enabled else 0  # the warm start's releases, then the rounds
+        task = progress.add_task(
+            "warm start + rounds" if warm else "rounds",
+            total=cfg.rounds + warm,
+            info="starting Flower",
+        )
         last_ndcg = "–"
 
         def on_event(event: dict[str, Any]) -> None:
             nonlocal last_ndcg
             kind = event.get("event")
-            if plain and kind in ("start", "nodes", "round"):
+            if plain and kind in ("start", "nodes", "round", "warm_start"):
                 note(_event_line(event, cfg.rounds))
+            if plain and kind == "nodes" and warm:
+                note("warm start: every client sends its popularity, then its co-occurrence")
             if kind == "start":
+                resumed = int(event.get("resumed_after") or 0)
                 progress.update(
-                    task, completed=event.get("resumed_after", 0), info="waiting for client nodes"
+                    task,
+                    completed=resumed + (warm if resumed else 0),
+                    info="waiting for client nodes",
                 )
             elif kind == "nodes":
-                progress.update(task, info=f"{event['registered']} nodes registered")
+                info = f"{event['registered']} nodes registered"
+                if warm:
+                    info += "; warm start: popularity, then co-occurrence, from every client"
+                progress.update(task, info=info)
+            elif kind == "warm_start":
+                test = event.get("test") or {}
+                if test.get("ndcg@100") is not None:
+                    last_ndcg = f"{test['ndcg@100']:.4f}"
+                progress.update(task, completed=warm, info=f"warm start NDCG@100 {last_ndcg}")
             elif kind == "round":
                 if event.get("ndcg@100") is not None:
                     last_ndcg = f"{event['ndcg@100']:.4f}"
@@ -283,7 +301,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                     f"failed {event['failed'] + event['dropped']}  NDCG@100 {last_ndcg}"
                 )
                 info += _epsilon_text(event, "ε")
-                progress.update(task, completed=event["round"], info=info)
+                progress.update(task, completed=event["round"] + warm, info=info)
 
         outcome = simulate(
             run_dir, n_clients, cfg, on_event=on_event, ray_address=args.ray_address, lock=lock
@@ -295,26 +313,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     finish_results(run_dir, wall_seconds=outcome.wall_seconds, reference=reference)
     report = write_report(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
-    metric_keys = ("ndcg@100", "recall@20", "recall@50", "coverage@20")
-    table = Table(title=f"{cfg.name}: test metrics after {cfg.rounds} rounds (same test users)")
-    table.add_column("model")
-    for key in metric_keys:
-        table.add_column(key, justify="right")
-    table.add_column("federated / model", justify="right")
+    out.print(results_table(results, name=cfg.name, rounds=cfg.rounds))
     final = results["final"]["test"]
     baselines = results.get("baselines") or {}
-    rows = [("federated", final)]
-    for key in ("popularity", "ease"):
-        if baselines.get(key):
-            rows.append((baselines[key]["label"], baselines[key]["test"]))
-    if reference is not None:
-        rows.append((reference["label"], reference["test"]))
-    for label, test in rows:
-        ratio = "" if test is final or not test.get("ndcg@100") else (
-            f"{final['ndcg@100'] / test['ndcg@100']:.1%}"
-        )  # fmt: skip
-        table.add_row(label, *(f"{test[k]:.4f}" if k in test else "–" for k in metric_keys), ratio)
-    out.print(table)
     pop = (baselines.get("popularity") or {}).get("test", {}).get("ndcg@100")
     if pop:
         out.print(f"NDCG@100 federated / popularity: {final['ndcg@100'] / pop:.1%}")
@@ -332,6 +333,69 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     out.print(f"wall time {outcome.wall_seconds:.1f} s; report: {report}")
     lock.release()
     return 0
+
+
+_METRIC_KEYS = ("ndcg@100", "recall@20", "recall@50", "coverage@20")
+
+
+def results_table(results: dict[str, Any], *, name: str, rounds: int) -> Table:
+    """The final table of ``simulate``: test metrics of the federated model beside the warm
+    start's (when the run began with one), the baselines and the centralized reference.
+
+    With a warm start the table has an ``ε`` column: the epsilon spent after the warm start's
+    releases on its row and after the whole run on the federated row (the baselines are not
+    private). A run with no rounds has a single model row, the warm start's.
+    """
+    warm = results.get("warm_start") or {}
+    final = (results.get("final") or {}).get("test") or {}
+    if warm and rounds == 0:
+        title = f"{name}: test metrics of the warm start alone, 0 rounds (same test users)"
+    elif warm:
+        title = f"{name}: test metrics after the warm start and {rounds} rounds (same test users)"
+    else:
+        title = f"{name}: test metrics after {rounds} rounds (same test users)"
+    table = Table(title=title)
+    table.add_column("model")
+    for key in _METRIC_KEYS:
+        table.add_column(key, justify="right")
+    table.add_column("federated / model", justify="right")
+    if warm:
+        table.add_column("ε", justify="right")
+    releases = warm.get("releases") or []
+    release_epsilon = _epsilon_cell(releases[-1] if releases else {}, "epsilon_accountant")
+    run_epsilon = _epsilon_cell((results.get("final") or {}).get("privacy") or {}, "accountant")
+    rows: list[tuple[str, dict[str, Any], str]] = []
+    if warm and rounds == 0:
+        rows.append(("warm start only (federated, 0 rounds)", final, release_epsilon))
+    else:
+        rows.append(("federated", final, run_epsilon))
+        if warm:
+            rows.append(
+                ("warm start only (before round 1)", warm.get("test") or {}, release_epsilon)
+            )
+    baselines = results.get("baselines") or {}
+    for key in ("popularity", "ease"):
+        if baselines.get(key):
+            rows.append((baselines[key]["label"], baselines[key]["test"], "–"))
+    reference = results.get("reference")
+    if reference:
+        rows.append((reference["label"], reference["test"], "–"))
+    for label, test, epsilon in rows:
+        ratio = "" if test is final or not test.get("ndcg@100") or "ndcg@100" not in final else (
+            f"{final['ndcg@100'] / test['ndcg@100']:.1%}"
+        )  # fmt: skip
+        cells = [f"{test[k]:.4f}" if k in test else "–" for k in _METRIC_KEYS]
+        table.add_row(label, *cells, ratio, *([epsilon] if warm else []))
+    return table
+
+
+def _epsilon_cell(record: dict[str, Any], accountant_key: str) -> str:
+    """``epsilon`` of a ledger record or privacy summary with its accountant: ``7.94 (PRV)``."""
+    epsilon = record.get("epsilon")
+    if epsilon is None:
+        return "–"
+    accountant = record.get(accountant_key)
+    return f"{epsilon:.4g}" + (f" ({str(accountant).upper()})" if accountant else "")
 
 
 def _summary(cfg: RunConfig) -> str:
@@ -363,6 +427,14 @@ def _event_line(event: dict[str, Any], total: int) -> str:
         return f"waiting for client nodes{after}"
     if kind == "nodes":
         return f"{event['registered']} nodes registered"
+    if kind == "warm_start":
+        if event.get("error"):
+            return f"warm start failed: {event['error']}"
+        test = event.get("test") or {}
+        ndcg = test.get("ndcg@100")
+        return f"warm start: {event.get('vocabulary_size')} items, rank {event.get('rank')}" + (
+            "" if ndcg is None else f", NDCG@100 {ndcg:.4f}"
+        )
     parts = [f"{event['returned']}/{event['sampled']} returned"]
     lost = int(event.get("failed") or 0) + int(event.get("dropped") or 0)
     if lost:

@@ -82,15 +82,16 @@ from common.config import to_dict
 from common.io import atomic_write_json
 from common.model import ModelConfig, anneal_beta, build_model
 from common.privacy import (
+    AggregatorView,
     DPPlan,
     PrivacyAccountant,
-    client_epsilon_after,
     client_noise_std,
     plan_privacy,
     privatize_update,
 )
 from common.privacy.ledger import LedgerWriter
 from common.privacy.rounds import (
+    charge_aggregator,
     charge_round,
     client_round_step,
     ledger_header,
@@ -104,6 +105,7 @@ from server.aggregation import apply_sum_inplace
 from server.optimizer import ServerOpt, cosine_lr_scale, make_server_optimizer
 from server.strategy import sample_cohort
 from simulations.cohort_batch import batched_unsupported, client_train_rows, cohort_update_sum
+from simulations.warm_inprocess import warm_start_inprocess
 
 __all__ = [
     "ENGINE_NAME",
@@ -171,6 +173,7 @@ class _Round:
         self.noise_rng = np.random.default_rng()  # OS entropy, unless noise_seed is set
         self.noise_std = 0.0
         self.diverged: list[str] = []  # the last updates() call's diverged clients and why
+        self.diverged_ids: set[int] = set()
         if plan is not None:
             self.noise_std = client_noise_std(
                 noise_multiplier=plan.noise_multiplier,
@@ -184,6 +187,7 @@ class _Round:
         """The float64 sum of the cohort's (privatized) updates and the summed weight; clients
         whose training diverged are left out and listed in :attr:`diverged`."""
         self.diverged = []
+        self.diverged_ids = set()
         if not cohort:
             return None, 0.0
         if self.engine is ClientEngine.BATCHED:
@@ -211,6 +215,7 @@ class _Round:
             )
             if update.diverged is not None:  # the ClientApp sends no update either
                 self.diverged.append(f"client {cid}: diverged: {update.diverged}")
+                self.diverged_ids.add(cid)
                 continue
             delta, w = update.delta, update.weight
             if plan is not None:
@@ -279,6 +284,7 @@ def _train_round(
     weights: dict[str, np.ndarray],
     optimizer: ServerOpt,
     rnd: int,
+    aggregator: AggregatorView,
 ) -> RoundStats:
     """Sample, refuse over budget, train, sum and apply one round (``weights`` in place)."""
     beta = anneal_beta(rnd, cap=cfg.model.beta_cap, total_steps=cfg.model.anneal_steps)
@@ -288,14 +294,11 @@ def _train_round(
     cohort = invited
     budget = cfg.privacy.client_budget
     if plan is not None and budget is not None and cohort:
-        eps_after = client_epsilon_after(
-            server_round=rnd,
-            noise_multiplier=plan.guard_noise_multiplier,
-            sample_rate=plan.sample_rate,
-            delta=plan.delta,
-        )
-        if eps_after > budget:  # every client's own accountant says the same
-            stats.refused, cohort = len(cohort), []
+        # each client's guard: its epsilon against the aggregator (client.dp_mod); in process
+        # the sum is plaintext, so the aggregator sees each client's own share z / sqrt(m)
+        z_seen = plan.noise_multiplier / math.sqrt(plan.expected_participants)
+        kept = [c for c in cohort if aggregator.epsilon_after(c, z_seen) <= budget]
+        stats.refused, cohort = len(cohort) - len(kept), kept
     failing = set(cfg.simulation.fail_clients)
     cohort = [c for c in cohort if c not in failing]  # injected failures
     stats.failed = len(invited) - stats.refused - len(cohort)
@@ -303,6 +306,7 @@ def _train_round(
     stats.failed += len(clients.diverged)
     stats.reasons.extend(clients.diverged)
     stats.returned = len(cohort) - len(clients.diverged)
+    stats.contributors = [c for c in cohort if c not in clients.diverged_ids]
     denominator = 1.0 if plan is not None else weight
     if total is not None and stats.returned >= cfg.server.min_clients and denominator > 0:
         apply_sum_inplace(
@@ -389,6 +393,7 @@ def run_inprocess(
     population = n_clients_of(run_dir)
     plan = plan_privacy(cfg, population)
     accountant, ledger = None, None
+    aggregator = AggregatorView(delta=1e-5 if plan is None else plan.delta)
     if plan is not None:
         accountant = PrivacyAccountant(delta=plan.delta)
         (out / "ledger.jsonl").unlink(missing_ok=True)
@@ -396,13 +401,31 @@ def run_inprocess(
         ledger = LedgerWriter.create(out / "ledger.jsonl", header, signer=server_signer(out))
     else:
         logger.warning("privacy.mode = 'off': updates carry no differential privacy")
+    warm: dict[str, Any] | None = None
+    if cfg.warm_start.enabled:
+        seed = cfg.privacy.noise_seed
+        started = warm_start_inprocess(
+            cfg,
+            run_dir,
+            plan=plan,
+            model_cfg=model_cfg,
+            template=weights,
+            data=data,
+            accountant=accountant,
+            ledger=ledger,
+            aggregator=aggregator,
+            rng=np.random.default_rng(None if seed is None else [seed, 0]),
+        )
+        weights, warm = started.weights, started.summary
+        warm["test"] = test_metrics(model_cfg, weights, data)
+        logger.info("warm start: test NDCG@100 %.4f", warm["test"]["ndcg@100"])
     clients = _Round(cfg, run_dir, model_cfg, plan, engine)
     node_ids = list(range(population))  # partition order, the Flower run's canonical order
     logger.info("in-process run: %d clients, %s client engine", population, engine.value)
     rounds: list[dict[str, Any]] = []
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        stats = _train_round(cfg, plan, clients, node_ids, weights, optimizer, rnd)
+        stats = _train_round(cfg, plan, clients, node_ids, weights, optimizer, rnd, aggregator)
         record = RoundRecord(round=rnd, stats=stats)
         if plan is not None and accountant is not None and ledger is not None:
             record.privacy = charge_round(
@@ -412,6 +435,9 @@ def run_inprocess(
                 invited=stats.invited,
                 participated=stats.returned,
                 step=client_round_step(plan, participated=stats.returned),
+            )
+            record.privacy = charge_aggregator(
+                aggregator, record.privacy, participants=stats.contributors, encrypted=False
             )
             ledger.append_round(record.privacy.to_record())
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
@@ -431,10 +457,13 @@ def run_inprocess(
         rounds.append(record.to_dict())
     final: dict[str, Any] = {"test": test_metrics(model_cfg, weights, data)}
     if plan is not None and ledger is not None:
-        last = rounds[-1]["ledger"] if rounds else None
+        releases = [] if warm is None else warm["releases"]
+        last = rounds[-1]["ledger"] if rounds else (releases[-1] if releases else None)
         final["privacy"] = privacy_summary(plan, last)
         ledger.close(
-            epsilon=final["privacy"]["epsilon"], epsilon_rdp=final["privacy"]["epsilon_rdp"]
+            epsilon=final["privacy"]["epsilon"],
+            epsilon_rdp=final["privacy"]["epsilon_rdp"],
+            epsilon_aggregator=final["privacy"]["epsilon_aggregator"],
         )
     wall = time.perf_counter() - start
     atomic_write_json(
@@ -446,6 +475,7 @@ def run_inprocess(
             "config": to_dict(cfg),
             "rounds": rounds,
             "final": final,
+            "warm_start": warm,
             "wall_seconds": round(wall, 2),
         },
     )
@@ -469,6 +499,9 @@ def main() -> None:
     cfg = load_run_config(args.config, args.set)
     write_run_folder(cfg, args.out)
     result = run_inprocess(cfg, args.out, engine=args.engine)
+    from simulations.runner import finish_results  # baselines and provenance, as a Flower run
+
+    finish_results(args.out, wall_seconds=result.wall_seconds, reference=None)
     summary = {"client_engine": result.client_engine.value, **result.final}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
 

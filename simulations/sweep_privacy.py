@@ -129,8 +129,46 @@ def main() -> None:
         help="population sizes (first N clients); one line per population",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (inprocess)")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="sweep the DP warm start in process on these data sets (ml-100k ml-1m "
+        "pinterest-20), each from its config in simulations/configs (simulations.sweep_warm)",
+    )
+    parser.add_argument(
+        "--federated-rounds",
+        type=int,
+        default=40,
+        help="rounds of the non-private federated reference of --datasets",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per DP point of --datasets (mean ± std)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.datasets:
+        from simulations.sweep_warm import DATASET_CONFIGS, print_table, run_dataset_sweep
+
+        unknown = [d for d in args.datasets if d not in DATASET_CONFIGS]
+        if unknown:
+            parser.error(f"unknown data set(s) {unknown}; choose from {sorted(DATASET_CONFIGS)}")
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print_table(
+            run_dataset_sweep(
+                datasets=args.datasets,
+                epsilons=args.epsilons,
+                out=args.out,
+                sets=args.set,
+                federated_rounds=args.federated_rounds,
+                repeats=args.repeats,
+            )
+        )
+        return
     if args.engine == "inprocess" or args.populations:
         from simulations.sweep_scale import run_scale_sweep
 

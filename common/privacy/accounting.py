@@ -59,6 +59,7 @@ from common.privacy._checks import (
     check_count,
     check_delta,
     check_non_negative,
+    check_positive,
     check_sample_rate,
 )
 
@@ -69,13 +70,16 @@ __all__ = [
     "PRV_EPS_ERROR",
     "PRV_MAX_GRID_POINTS",
     "AccountantKind",
+    "AggregatorView",
     "GridTooLargeError",
     "MechanismStep",
     "PrivacyAccountant",
     "RdpTracker",
+    "aggregator_noise_multiplier",
     "client_epsilon_after",
     "compute_epsilon",
     "default_delta",
+    "gaussian_epsilon",
     "merged_history",
 ]
 
@@ -453,3 +457,92 @@ def client_epsilon_after(
         delta=delta,
         accountant=AccountantKind.RDP,
     )
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon at ``delta`` of one Gaussian mechanism with ``mu = sensitivity / std``.
+
+    The analytic Gaussian mechanism (Balle and Wang 2018, Theorem 8): ``(epsilon, delta)``-DP
+    holds iff ``Phi(mu/2 - epsilon/mu) - e^epsilon Phi(-mu/2 - epsilon/mu) <= delta``; the
+    smallest such epsilon is found by bisection to 1e-9 relative, rounded up. 0 for ``mu = 0``.
+    """
+    from scipy.stats import norm
+
+    check_delta("delta", delta)
+    if not (math.isfinite(mu) and mu >= 0):
+        raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
+    if mu == 0:
+        return 0.0
+
+    def delta_of(eps: float) -> float:
+        # e^eps * Phi(b) in log space: eps reaches mu^2 / 2, far beyond exp's range
+        tail = math.exp(min(eps + float(norm.logcdf(-mu / 2 - eps / mu)), 700.0))
+        return float(norm.cdf(mu / 2 - eps / mu)) - tail
+
+    if delta_of(0.0) <= delta:
+        return 0.0
+    low, high = 0.0, max(1.0, mu * mu)
+    while delta_of(high) > delta:
+        low, high = high, 2 * high
+    while high - low > 1e-9 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if delta_of(mid) > delta else (low, mid)
+    return high
+
+
+class AggregatorView:
+    """Each client's epsilon against the aggregator, which knows who took part: no amplification.
+
+    Against whoever sees only the released models, Poisson sampling amplifies privacy. The
+    aggregator asked the clients itself, so against it a client's privacy loss composes only
+    the releases that client took part in, each a Gaussian mechanism at sample rate 1 with the
+    noise the aggregator sees: the decrypted sum's (its effective z) when updates are
+    encrypted, else the client's own share (``z / sqrt(m)``). Gaussian mechanisms compose
+    exactly into one with ``mu^2 = sum 1 / z_i^2`` (Dong, Roth and Su 2019), so the run's
+    figure is :func:`gaussian_epsilon` of the client with the largest sum: :meth:`epsilon`.
+
+    Parameters
+    ----------
+    delta:
+        The run's delta.
+    """
+
+    def __init__(self, *, delta: float) -> None:
+        check_delta("delta", delta)
+        self.delta = delta
+        self._inverse_variance: dict[int, float] = {}
+
+    def add(self, participants: Iterable[int], noise_multiplier: float) -> None:
+        """One release seen by the aggregator: ``participants`` (client positions) took part,
+        with noise multiplier ``noise_multiplier`` (> 0) relative to their sensitivity."""
+        check_positive("noise_multiplier", noise_multiplier)
+        charge = 1.0 / noise_multiplier**2
+        for client in participants:
+            self._inverse_variance[client] = self._inverse_variance.get(client, 0.0) + charge
+
+    def epsilon_after(self, client: int, noise_multiplier: float) -> float:
+        """``client``'s epsilon against the aggregator once it takes part in one more release
+        at ``noise_multiplier``: what its own budget guard checks."""
+        check_positive("noise_multiplier", noise_multiplier)
+        charge = self._inverse_variance.get(client, 0.0) + 1.0 / noise_multiplier**2
+        return gaussian_epsilon(math.sqrt(charge), self.delta)
+
+    @property
+    def worst_mu(self) -> float:
+        """``sqrt(max over clients of sum 1 / z_i^2)``: the most exposed client's mu."""
+        return math.sqrt(max(self._inverse_variance.values(), default=0.0))
+
+    def epsilon(self) -> float:
+        """The largest epsilon of any client so far (0 before any release)."""
+        return gaussian_epsilon(self.worst_mu, self.delta)
+
+
+def aggregator_noise_multiplier(
+    *, effective_noise_multiplier: float, noise_multiplier: float, expected: float, encrypted: bool
+) -> float:
+    """The noise multiplier of one release as the aggregator sees it (:class:`AggregatorView`):
+    the sum's ``effective_noise_multiplier`` when encrypted, else one client's own share
+    ``noise_multiplier / sqrt(expected)`` (it sees each update before the sum)."""
+    if encrypted:
+        return effective_noise_multiplier
+    return noise_multiplier / math.sqrt(expected)

@@ -12,24 +12,33 @@ The auditor trusts nothing the server computed. From ``RUN_DIR/ledger.jsonl`` (s
 4. signatures (:mod:`common.privacy.signing`): when the header holds a ``server_key``, every
    line carries a valid server signature, and every committee co-signature of a round is valid,
    by a registered device key (when the auditor has the registry), and states that round's
-   run, participant count and mechanism; an unsigned ledger passes with a warning, or fails
-   with ``require_signed``;
-5. rounds are numbered 1..n with no gap or duplicate, and a final line, if any, is last;
-6. every round's fields are in range and the derived ones agree (m = q * N and
-   z_eff = z * sqrt(participated / m) at client level), so editing a count and rewriting the
+   run, participant count and mechanism (a warm-start release line may be co-signed too; those
+   are counted apart); an unsigned ledger passes with a warning, or fails with
+   ``require_signed``;
+5. the warm start's releases (``release`` lines, if any) are numbered 1..r and all come before
+   round 1, rounds are numbered 1..n with no gap or duplicate, and a final line, if any, is
+   last;
+6. every release's and round's fields are in range and the derived ones agree (m = q * N and
+   z_eff = z * sqrt(participated / m) at client level; a release is a client-level round at
+   q = 1, :func:`common.privacy.ledger.release_problem`), so editing a count and rewriting the
    whole chain still fails;
-7. the final line has ``rounds == n``, the right ``chain``, and repeats the last round's claims;
-8. the header's population is the partition's, when given, and every round agrees with the
-   header's config: mode, number of rounds, delta, z (recalibrated for a target epsilon), C, q,
-   and ``released`` whenever an update came back (:mod:`common.privacy.crosscheck`), so a
-   ledger rewritten consistently with the project's own code still fails;
+7. the final line has ``rounds == n``, the right ``chain``, and repeats the last round's claims
+   (the last release's in a run of 0 rounds);
+8. the header's population is the partition's, when given, and every release and round agrees
+   with the header's config: mode, number of rounds, delta, z (recalibrated for a target
+   epsilon), C, q, and ``released`` whenever an update came back; the releases are exactly
+   those of an enabled warm start, in order, at q 1, clip 1 and the planned release z
+   (:mod:`common.privacy.crosscheck`), so a ledger rewritten consistently with the project's own
+   code still fails;
 9. a device's own record (``device_ledger``), when given: every round it took part in is in the
    ledger with the same mechanism, and its committee co-signatures are in the ledger's lines;
-10. RDP epsilon, recomputed round by round from the effective multipliers, equals every round's
-   claimed ``epsilon_rdp`` to ``tolerance`` (relative), and claimed epsilons never decrease
-   (beyond ``PRV_EPSILON_SLACK``);
-11. PRV epsilon (the reported one), recomputed once for the whole run, is not above the last
-   round's and the final line's claim by more than PRV's numerical error;
+10. RDP epsilon, recomputed line by line from the effective multipliers (the releases composed
+   first, then the rounds), equals every release's and round's claimed ``epsilon_rdp`` to
+   ``tolerance`` (relative), and claimed PRV epsilons never decrease (beyond
+   ``PRV_EPSILON_SLACK``);
+11. PRV epsilon (the reported one), recomputed once for the whole run (releases and rounds), is
+   not above the last line's (round's, or release's in a run of 0 rounds) and the final line's
+   claim by more than PRV's numerical error;
 12. the recomputed PRV epsilon is within ``budget``, if one is given.
 
 Cost. PRV composition of n heterogeneous rounds is expensive and recomputing it at every round
@@ -59,6 +68,7 @@ from common.errors import DataError
 from common.privacy.accounting import (
     PRV_EPS_ERROR,
     AccountantKind,
+    AggregatorView,
     MechanismStep,
     PrivacyAccountant,
     compute_epsilon,
@@ -75,9 +85,12 @@ from common.privacy.ledger import (
     header_problem,
     history_from_ledger,
     read_ledger_lines,
+    release_problem,
     round_problem,
     signed_body,
 )
+from common.privacy.plan import RELEASE_NAMES
+from common.privacy.rounds import aggregator_noise_multiplier_of
 from common.privacy.signing import (
     DEVICE_REGISTRY_FILE,
     SIGNING_DIR,
@@ -127,12 +140,17 @@ class AuditReport:
         One line: the first failed check, why the run is unfinished, or a summary.
     rounds:
         Round records read (released or not).
+    releases:
+        Warm-start release records read (composed before the rounds).
     claimed_epsilon:
         The ledger's reported (PRV) epsilon: the final line's, else the last round's; ``inf``
         when DP is off.
     recomputed_epsilon_prv, recomputed_epsilon_rdp:
         Epsilon recomputed from the ledger; ``inf`` when DP is off, ``nan`` when not computed
         (an earlier check failed).
+    recomputed_epsilon_aggregator:
+        The largest epsilon of any client against the aggregator, recomputed from the lines'
+        participants (``nan`` when they list none).
     delta:
         The header's delta (``nan`` if unreadable).
     budget:
@@ -146,6 +164,8 @@ class AuditReport:
         Whether every line carries a valid server signature.
     cosigned_rounds:
         Round lines co-signed by their decryption committee (valid co-signatures).
+    cosigned_releases:
+        Release lines co-signed by their decryption committee (valid co-signatures).
     """
 
     status: AuditStatus
@@ -154,12 +174,15 @@ class AuditReport:
     claimed_epsilon: float = math.nan
     recomputed_epsilon_prv: float = math.nan
     recomputed_epsilon_rdp: float = math.nan
+    recomputed_epsilon_aggregator: float = math.nan
     delta: float = math.nan
     budget: float | None = None
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     signed: bool = False
     cosigned_rounds: int = 0
+    releases: int = 0
+    cosigned_releases: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able dict; a non-finite epsilon becomes ``null`` (see ``status``/``mode``)."""
@@ -167,9 +190,11 @@ class AuditReport:
             "status": self.status.value,
             "reason": self.reason,
             "rounds": self.rounds,
+            "releases": self.releases,
             "claimed_epsilon": _finite_or_none(self.claimed_epsilon),
             "recomputed_epsilon_prv": _finite_or_none(self.recomputed_epsilon_prv),
             "recomputed_epsilon_rdp": _finite_or_none(self.recomputed_epsilon_rdp),
+            "recomputed_epsilon_aggregator": _finite_or_none(self.recomputed_epsilon_aggregator),
             "unbounded": math.isinf(self.recomputed_epsilon_prv),
             "delta": _finite_or_none(self.delta),
             "budget": self.budget,
@@ -180,11 +205,26 @@ class AuditReport:
             "warnings": list(self.warnings),
             "signed": self.signed,
             "cosigned_rounds": self.cosigned_rounds,
+            "cosigned_releases": self.cosigned_releases,
         }
 
 
 def _rounds(n: int) -> str:
     return f"{n} round" if n == 1 else f"{n} rounds"
+
+
+def _composed(releases: int, rounds: int) -> str:
+    """What was composed: ``"40 rounds"``, or ``"2 releases + 40 rounds"`` with a warm start."""
+    if not releases:
+        return _rounds(rounds)
+    return f"{releases} release{'' if releases == 1 else 's'} + {_rounds(rounds)}"
+
+
+def _where(rec: dict[str, Any]) -> str:
+    """Where a claim is: ``"round 3"``, or ``"release 1 (popularity)"``."""
+    if rec.get("type") == "release":
+        return f"release {rec['round']} ({rec['release']})"
+    return f"round {rec['round']}"
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -280,6 +320,7 @@ class _Audit:
         self.tolerance = tolerance
         self.lines: list[LedgerLine] = []
         self.rounds: list[dict[str, Any]] = []
+        self.releases: list[dict[str, Any]] = []
         self.final: dict[str, Any] | None = None
         self.silo_sizes: list[int] | None = None
         self.registry: dict[str, str] | None = None
@@ -315,7 +356,7 @@ class _Audit:
             ok = ok and all([self._check_population(header), self._check_config(header)])
             if ok and self.device_entries is not None:
                 ok = self._check_device_ledger(header, self.device_entries)
-            report.rounds = len(self.rounds)
+            report.rounds, report.releases = len(self.rounds), len(self.releases)
             report.claimed_epsilon = self._claimed_epsilon()
         ok = ok and self._check_accounting()
         if ok and report.budget is not None:
@@ -328,7 +369,8 @@ class _Audit:
         else:
             report.status = AuditStatus.VERIFIED
             report.reason = (
-                f"all {len(report.checks)} checks passed: {report.rounds} rounds, epsilon "
+                f"all {len(report.checks)} checks passed: "
+                f"{_composed(report.releases, report.rounds)}, epsilon "
                 f"{report.recomputed_epsilon_prv:.6g} (PRV) at delta {report.delta:.3g}"
             )
         return report
@@ -399,7 +441,7 @@ class _Audit:
                 f"the header's server_key {key[:16]}... is not the server key given",
             )
         registered = None if self.registry is None else set(self.registry.values())
-        cosigned = rounds = 0
+        cosigned = rounds = cosigned_releases = releases = 0
         for line in self.lines:
             rec, where = line.record, f"line {line.number}"
             signatures = rec.get(SIGNATURES_FIELD)
@@ -413,7 +455,9 @@ class _Audit:
                     f"{where}: the server signature does not verify (the line was changed "
                     "after it was signed, or signed with another key)",
                 )
+            is_release = rec.get("type") == "release"
             rounds += rec.get("type") == "round"
+            releases += is_release
             assert isinstance(signatures, dict)
             if "committee" in signatures:
                 problem = _committee_problem(
@@ -421,25 +465,56 @@ class _Audit:
                 )
                 if problem is not None:
                     return self._add("signatures", False, f"{where}: {problem}")
-                cosigned += 1
+                if is_release:
+                    cosigned_releases += 1
+                else:
+                    cosigned += 1
         report.signed, report.cosigned_rounds = True, cosigned
-        if cosigned and registered is None:
+        report.cosigned_releases = cosigned_releases
+        if (cosigned or cosigned_releases) and registered is None:
             report.warnings.append(
                 "committee co-signatures checked against the keys they carry only: no device "
                 "key registry (give --device-keys)"
             )
         source = "" if self.registry_path is None else f", device keys of {self.registry_path}"
+        warm = f"; {cosigned_releases} of {releases} releases co-signed" if releases else ""
         return self._add(
             "signatures",
             True,
             f"server key {key[:16]}...: all {len(self.lines)} lines signed; {cosigned} of "
-            f"{rounds} rounds co-signed by their committee{source}",
+            f"{rounds} rounds co-signed by their committee{warm}{source}",
         )
 
     def _check_structure(self) -> bool:
         for line in self.lines[1:]:
             rec, kind = line.record, line.record.get("type")
-            if kind == "round":
+            if kind == "release":
+                if self.final is not None or self.rounds:
+                    after = "the final" if self.final is not None else f"round {len(self.rounds)}"
+                    return self._add(
+                        "round numbering",
+                        False,
+                        f"line {line.number}: a warm-start release after {after} (releases "
+                        "come before round 1)",
+                    )
+                expected = len(self.releases) + 1
+                if rec.get("round") != expected:
+                    return self._add(
+                        "round numbering",
+                        False,
+                        f"line {line.number}: release {rec.get('round')!r} where release "
+                        f"{expected} was expected (a release was removed, duplicated or "
+                        "reordered)",
+                    )
+                if expected > len(RELEASE_NAMES):
+                    return self._add(
+                        "round numbering",
+                        False,
+                        f"line {line.number}: release {expected}, but a warm start makes "
+                        f"{len(RELEASE_NAMES)}",
+                    )
+                self.releases.append(rec)
+            elif kind == "round":
                 expected = len(self.rounds) + 1
                 if self.final is not None:
                     return self._add(
@@ -461,9 +536,24 @@ class _Audit:
                 return self._add(
                     "round numbering", False, f"line {line.number}: unknown type {kind!r}"
                 )
-        return self._add("round numbering", True, f"rounds 1..{len(self.rounds)}")
+        detail = f"rounds 1..{len(self.rounds)}"
+        if self.releases:
+            rounds = f"before {detail}" if self.rounds else "and no round"
+            detail = f"releases 1..{len(self.releases)} {rounds}"
+        return self._add("round numbering", True, detail)
 
     def _check_round_fields(self, population: int) -> bool:
+        if self.releases and self.mode is not LedgerMode.CLIENT:
+            return self._add(
+                "round fields",
+                False,
+                f"warm-start releases in a ledger of mode {self.mode.value!r}: the releases are "
+                "client-level DP",
+            )
+        for rec in self.releases:
+            problem = release_problem(rec, population=population)
+            if problem is not None:
+                return self._add("round fields", False, problem)
         for rec in self.rounds:
             problem = round_problem(rec, mode=self.mode, population=population)
             if problem is not None:
@@ -482,7 +572,9 @@ class _Audit:
         expected = chain_digest([line.sha256 for line in self.lines[:-1]])
         if final.get("chain") != expected:
             return self._add("final line", False, "final chain digest does not match the lines")
-        last = self.rounds[-1] if self.rounds else {"epsilon": 0.0, "epsilon_rdp": 0.0}
+        lines = self.releases + self.rounds
+        last = lines[-1] if lines else {"epsilon": 0.0, "epsilon_rdp": 0.0}
+        whose = "last release's" if not self.rounds and self.releases else "last round's"
         if self.mode is LedgerMode.OFF:
             last = {"epsilon": None, "epsilon_rdp": None}
         for key in ("epsilon", "epsilon_rdp"):
@@ -490,9 +582,11 @@ class _Audit:
                 return self._add(
                     "final line",
                     False,
-                    f"final {key} {final.get(key)!r} is not the last round's {last[key]!r}",
+                    f"final {key} {final.get(key)!r} is not the {whose} {last[key]!r}",
                 )
-        return self._add("final line", True, f"{n} rounds, chain digest matches")
+        return self._add(
+            "final line", True, f"{_composed(len(self.releases), n)}, chain digest matches"
+        )
 
     def _check_population(self, header: dict[str, Any]) -> bool:
         population = header["population"]
@@ -510,7 +604,11 @@ class _Audit:
     def _check_config(self, header: dict[str, Any]) -> bool:
         self._progress("checking the rounds against the run's config")
         findings = check_against_config(
-            header, self.rounds, finished=self.final is not None, silo_sizes=self.silo_sizes
+            header,
+            self.rounds,
+            finished=self.final is not None,
+            silo_sizes=self.silo_sizes,
+            releases=self.releases,
         )
         self.report.warnings.extend(findings.warnings)
         if findings.problem is not None:
@@ -528,7 +626,8 @@ class _Audit:
     def _claimed_epsilon(self) -> float:
         if self.mode is LedgerMode.OFF:
             return math.inf
-        source = self.final if self.final is not None else (self.rounds or [{}])[-1]
+        lines = self.releases + self.rounds
+        source = self.final if self.final is not None else (lines or [{}])[-1]
         value = source.get("epsilon", 0.0)
         return float(value) if isinstance(value, int | float) else math.nan
 
@@ -539,14 +638,72 @@ class _Audit:
         if self.mode is LedgerMode.OFF:
             report.recomputed_epsilon_prv = report.recomputed_epsilon_rdp = math.inf
             return self._add("epsilon", True, "DP is off: epsilon is unbounded")
-        return self._check_rdp() and self._check_prv()
+        return self._check_rdp() and self._check_prv() and self._check_aggregator()
+
+    def _check_aggregator(self) -> bool:
+        """Recompute each line's aggregator-view epsilon from the lines' participants.
+
+        Lines that list their participants (client level) compose, per client, the lines it
+        took part in at sample rate 1 with the noise the aggregator saw (the sum's effective z
+        when the header's config encrypts, else one client's own share): the largest epsilon
+        of any client (:class:`common.privacy.accounting.AggregatorView`) must equal every
+        claim. A ledger whose released lines list no participants (an older run) passes with
+        a note."""
+        lines = self.releases + self.rounds
+        released = [rec for rec in lines if rec["released"]]
+        if not released or all("participants" not in rec for rec in released):
+            return self._add("aggregator epsilon", True, "not recorded (no participant lists)")
+        config = self.lines[0].record["config"]
+        encryption = config.get("encryption") if isinstance(config, dict) else None
+        encrypted = isinstance(encryption, dict) and encryption.get("enabled") is True
+        view = AggregatorView(delta=self.report.delta)
+        recomputed = 0.0
+        for rec in lines:
+            where = _where(rec)
+            participants = rec.get("participants")
+            if rec["released"] and participants is None:
+                return self._add("aggregator epsilon", False, f"{where}: no participant list")
+            if rec["released"] and participants:
+                view.add(participants, aggregator_noise_multiplier_of(rec, encrypted=encrypted))
+                recomputed = view.epsilon()
+            claimed = rec.get("epsilon_aggregator")
+            if not isinstance(claimed, int | float) or not math.isclose(
+                float(claimed), recomputed, rel_tol=1e-6, abs_tol=1e-9
+            ):
+                return self._add(
+                    "aggregator epsilon",
+                    False,
+                    f"claimed epsilon_aggregator {claimed!r} differs from the recomputed "
+                    f"{recomputed:.9g} at {where}",
+                )
+        if self.final is not None:
+            claimed = self.final.get("epsilon_aggregator")
+            if not isinstance(claimed, int | float) or not math.isclose(
+                float(claimed), recomputed, rel_tol=1e-6, abs_tol=1e-9
+            ):
+                return self._add(
+                    "aggregator epsilon",
+                    False,
+                    f"the final line claims epsilon_aggregator {claimed!r}, recomputed "
+                    f"{recomputed:.9g}",
+                )
+        self.report.recomputed_epsilon_aggregator = recomputed
+        seen = "the decrypted sums" if encrypted else "each client's own noise share"
+        return self._add(
+            "aggregator epsilon",
+            True,
+            f"{recomputed:.6g}: the most exposed client against the aggregator ({seen}, no "
+            "amplification), matches every claim",
+        )
 
     def _check_rdp(self) -> bool:
-        self._progress(f"recomputing the RDP epsilon of {_rounds(len(self.rounds))}")
+        composed = _composed(len(self.releases), len(self.rounds))
+        self._progress(f"recomputing the RDP epsilon of {composed}")
         accountant = PrivacyAccountant(delta=self.report.delta)
         recomputed, previous_claim = 0.0, 0.0
-        for rec in self.rounds:
-            r = rec["round"]
+        lines = self.releases + self.rounds  # composed in ledger order: releases first
+        for rec in lines:
+            where = _where(rec)
             if rec["released"]:
                 accountant.step(history_from_ledger([rec])[0])
                 recomputed = accountant.epsilon_rdp
@@ -556,7 +713,7 @@ class _Audit:
                     "rdp epsilon",
                     False,
                     f"claimed epsilon_rdp {claimed:.9g} differs from the recomputed "
-                    f"{recomputed:.9g} at round {r}",
+                    f"{recomputed:.9g} at {where}",
                 )
             if rec.get("epsilon_accountant", "prv") == "rdp":
                 # a round that claims its RDP epsilon as "epsilon" must claim exactly that
@@ -567,14 +724,14 @@ class _Audit:
                         "rdp epsilon",
                         False,
                         f"claimed epsilon {rec['epsilon']:.9g} (RDP) differs from the "
-                        f"recomputed {recomputed:.9g} at round {r}",
+                        f"recomputed {recomputed:.9g} at {where}",
                     )
                 continue
             if rec["epsilon"] < previous_claim - PRV_EPSILON_SLACK:  # PRV's numerical noise
                 return self._add(
                     "rdp epsilon",
                     False,
-                    f"claimed epsilon {rec['epsilon']:.9g} at round {r} is below the previous "
+                    f"claimed epsilon {rec['epsilon']:.9g} at {where} is below the previous "
                     f"round's {previous_claim:.9g} (epsilon never decreases)",
                 )
             previous_claim = rec["epsilon"]
@@ -587,18 +744,17 @@ class _Audit:
                 f"incremental RDP {recomputed:.9g} disagrees with compute_epsilon {whole:.9g}",
             )
         self.report.recomputed_epsilon_rdp = whole
-        return self._add("rdp epsilon", True, f"{whole:.6g} matches all {len(self.rounds)} claims")
+        return self._add("rdp epsilon", True, f"{whole:.6g} matches all {len(lines)} claims")
 
     def _check_prv(self) -> bool:
-        self._progress(
-            f"recomputing the PRV epsilon of {_rounds(len(self.rounds))} (this can take minutes)"
-        )
+        composed = _composed(len(self.releases), len(self.rounds))
+        self._progress(f"recomputing the PRV epsilon of {composed} (this can take minutes)")
         try:
             recomputed = self._compute(AccountantKind.PRV)
         except ValueError as err:  # a grid too large: epsilon is far beyond any budget
             return self._add("prv epsilon", False, f"cannot recompute the PRV epsilon: {err}")
         self.report.recomputed_epsilon_prv = recomputed
-        claims = [(f"round {rec['round']}", rec) for rec in self.rounds[-1:]]
+        claims = [(_where(rec), rec) for rec in (self.releases + self.rounds)[-1:]]
         if self.final is not None:
             claims.append(("the final line", self.final))
         for where, rec in claims:
@@ -617,7 +773,7 @@ class _Audit:
         )
 
     def _compute(self, accountant: AccountantKind) -> float:
-        history = merged_history(history_from_ledger(self.rounds))
+        history = merged_history(history_from_ledger(self.releases + self.rounds))
         return _epsilon(tuple(history), delta=self.report.delta, accountant=accountant)
 
     def _check_budget(self, budget: float) -> bool:
@@ -640,9 +796,10 @@ def _committee_problem(
     header: dict[str, Any],
     registered: set[str] | None,
 ) -> str | None:
-    """What is wrong with a round line's committee co-signatures, or ``None``."""
-    if line.get("type") != "round" or not isinstance(committee, list) or not committee:
-        return "committee co-signatures belong to a round line, as a non-empty list"
+    """What is wrong with a round (or release) line's committee co-signatures, or ``None``."""
+    kind = line.get("type")
+    if kind not in ("round", "release") or not isinstance(committee, list) or not committee:
+        return "committee co-signatures belong to a round or release line, as a non-empty list"
     keys, sums = set(), set()
     for record in committee:
         cosignature = Cosignature.from_record(record)
@@ -688,12 +845,21 @@ def render(report: AuditReport) -> str:
         return "unbounded (DP off)" if math.isinf(value) else f"{value:.6g}"
 
     budget = "none" if report.budget is None else f"{report.budget:g}"
+    warm = f"releases: {report.releases}    " if report.releases else ""
     lines = [
         f"{report.status.value.upper()}: {report.reason}",
         *(f"WARNING: {warning}" for warning in report.warnings),
-        f"rounds: {report.rounds}    delta: {report.delta:.3g}    budget: {budget}",
+        f"{warm}rounds: {report.rounds}    delta: {report.delta:.3g}    budget: {budget}",
         f"epsilon claimed: {eps(report.claimed_epsilon)}    recomputed PRV: "
         f"{eps(report.recomputed_epsilon_prv)}    RDP: {eps(report.recomputed_epsilon_rdp)}",
+        *(
+            []
+            if math.isnan(report.recomputed_epsilon_aggregator)
+            else [
+                "epsilon against the aggregator (who knows who took part, no amplification): "
+                f"{eps(report.recomputed_epsilon_aggregator)}"
+            ]
+        ),
         "checks:",
     ]
     lines += [

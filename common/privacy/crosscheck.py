@@ -20,6 +20,12 @@ the config gives a target epsilon) and checks every round against that plan:
   count are at least the plan's bound;
 - ``released`` is ``participated > 0``: a round is charged as soon as one update came back
   (:func:`common.privacy.rounds.charge_round`);
+- warm-start releases (``release`` lines, :func:`common.privacy.rounds.charge_release`) only
+  with ``warm_start.enabled``: then the releases of :data:`common.privacy.plan.RELEASE_NAMES`,
+  in that order, all of them before round 1 and before the final line, each at sample rate 1
+  over at most the population, clip 1 and the release z that the plan recalibrates (within
+  :data:`CALIBRATION_TOLERANCE`), released (charged) whenever at least the plan's fewest
+  answers (``warm_start.min_participation`` of N) came back, and never with no answer;
 - the header's population is the partition's (clients, or users at example level), when the
   auditor has the partition (``RUN_DIR/data/clients.npz``, given explicitly: the auditor does not
   take it from the server's folder unasked); otherwise it is reported as not checked.
@@ -39,7 +45,7 @@ import numpy as np
 from common.config import parse
 from common.errors import ConfigError, DataError
 from common.privacy.accounting import default_delta
-from common.privacy.plan import DPPlan, plan_privacy
+from common.privacy.plan import RELEASE_NAMES, DPPlan, plan_privacy
 from common.run.config import PrivacyMode, RunConfig
 
 __all__ = [
@@ -131,6 +137,7 @@ def check_against_config(
     *,
     finished: bool,
     silo_sizes: Sequence[int] | None = None,
+    releases: Sequence[Mapping[str, Any]] = (),
 ) -> ConfigFindings:
     """Cross-check a ledger's header and rounds against the header's config (module docstring).
 
@@ -145,6 +152,9 @@ def check_against_config(
     silo_sizes:
         Users per client of the run's partition, when the auditor has it: then the plan is made
         for the partition's population (and, at example level, its DP-SGD shape).
+    releases:
+        The warm-start release records, numbered 1..r before the rounds (already checked by
+        :func:`common.privacy.ledger.release_problem`).
     """
     findings = ConfigFindings()
     try:
@@ -152,13 +162,56 @@ def check_against_config(
     except ConfigError as err:
         findings.problem = f"the header's config is not a run config: {err}"
         return findings
-    findings.problem = _problem(cfg, header, rounds, finished, silo_sizes, findings.warnings)
+    findings.problem = _release_structure_problem(cfg, rounds, releases, finished) or _problem(
+        cfg, header, rounds, finished, silo_sizes, findings.warnings, releases
+    )
     if findings.problem is None:
+        warm = (
+            f"{len(releases)} of {len(RELEASE_NAMES)} warm-start releases at q 1, clip 1 and "
+            "the planned z; "
+            if cfg.warm_start.enabled
+            else ""
+        )
         findings.detail = (
-            f"{len(rounds)} of {cfg.rounds} rounds at the config's C, z, q and delta; "
+            f"{warm}{len(rounds)} of {cfg.rounds} rounds at the config's C, z, q and delta; "
             "released whenever an update came back"
         )
     return findings
+
+
+def _release_structure_problem(
+    cfg: RunConfig,
+    rounds: Sequence[Mapping[str, Any]],
+    releases: Sequence[Mapping[str, Any]],
+    finished: bool,
+) -> str | None:
+    """Whether the ledger holds the config's warm-start releases, in order, before the rounds
+    (and all of them when a round or the final line follows)."""
+    if not cfg.warm_start.enabled:
+        if releases:
+            return (
+                f"the ledger holds {len(releases)} warm-start release(s), but the config has no "
+                "warm start (warm_start.enabled is false)"
+            )
+        return None
+    if len(releases) > len(RELEASE_NAMES):
+        return (
+            f"the ledger holds {len(releases)} warm-start releases, the warm start makes "
+            f"{len(RELEASE_NAMES)}"
+        )
+    for i, rec in enumerate(releases):
+        if rec["release"] != RELEASE_NAMES[i]:
+            return (
+                f"release {i + 1} is {rec['release']!r}, the warm start's release {i + 1} is "
+                f"{RELEASE_NAMES[i]!r} (releases run in the order {', '.join(RELEASE_NAMES)})"
+            )
+    if len(releases) < len(RELEASE_NAMES) and (rounds or finished):
+        after = "round 1 follows" if rounds else "the final line closes the run after"
+        return (
+            f"{after} {len(releases)} of the warm start's {len(RELEASE_NAMES)} releases "
+            "(warm_start.enabled is true)"
+        )
+    return None
 
 
 def _problem(
@@ -168,6 +221,7 @@ def _problem(
     finished: bool,
     silo_sizes: Sequence[int] | None,
     warnings: list[str],
+    releases: Sequence[Mapping[str, Any]] = (),
 ) -> str | None:
     p = cfg.privacy
     if header["mode"] != p.mode.value:
@@ -180,6 +234,8 @@ def _problem(
             f"the final line closes the run after {len(rounds)} rounds, the config has {cfg.rounds}"
         )
     if p.mode is PrivacyMode.OFF:
+        if releases:  # the warm start charges nothing with DP off, so it writes no release
+            return "the ledger holds warm-start releases, but the config's privacy.mode is 'off'"
         return None
     population: int = header["population"]
     problem = _delta_problem(header["delta"], p.delta, population, warnings)
@@ -189,6 +245,10 @@ def _problem(
         plan = _plan(cfg, population, silo_sizes, warnings)
     except ValueError as err:
         return f"the header's config cannot be planned for population {population}: {err}"
+    for rec in releases:
+        problem = _release_problem(rec, cfg, plan, population)
+        if problem is not None:
+            return problem
     for rec in rounds:
         problem = _round_problem(rec, cfg, plan, population)
         if problem is not None:
@@ -286,4 +346,40 @@ def _round_problem(
             return f"{where}: sample_rate {q:.6g} is below the plan's bound {plan.sample_rate:.6g}"
         if rec["steps"] < plan.steps_per_round:
             return f"{where}: steps {rec['steps']} is below the plan's {plan.steps_per_round}"
+    return None
+
+
+def _release_problem(
+    rec: Mapping[str, Any], cfg: RunConfig, plan: DPPlan | None, population: int
+) -> str | None:
+    """How a warm-start release differs from the one the plan makes (all N clients asked at
+    q = 1, clip 1 and the release z: :func:`common.privacy.rounds.release_plan`), or ``None``."""
+    where = f"release {rec['round']} ({rec['release']})"
+    participated, released = rec["participated"], rec["released"]
+    needed = 1 if plan is None else max(plan.release_min_clients, 1)
+    if participated >= needed and not released:
+        return (
+            f"{where}: {participated} clients answered (the plan releases from {needed}) but "
+            "released is false (charged as nothing)"
+        )
+    if participated == 0 and released:
+        return f"{where}: released is true but no client answered"
+    if not math.isclose(rec["sample_rate"], 1.0, rel_tol=_REL_TOL):
+        return f"{where}: sample_rate {rec['sample_rate']:.6g} is not 1 (every client is asked)"
+    if not math.isclose(rec["clip"], 1.0, rel_tol=_REL_TOL):
+        return f"{where}: clip {rec['clip']:.6g} is not 1 (the statistics' norm bound)"
+    if rec["invited"] > population:
+        return f"{where}: invited {rec['invited']} exceeds the population {population}"
+    z = None
+    if plan is not None and plan.release_noise_multipliers and rec.get("release") in RELEASE_NAMES:
+        z = plan.release_noise_multiplier(rec["release"])
+    if z is None:  # warm start on, DP on: plan_privacy always plans the releases
+        return f"{where}: the config's plan has no warm-start release"
+    if not math.isclose(rec["noise_multiplier"], z, rel_tol=CALIBRATION_TOLERANCE):
+        target = cfg.privacy.target_epsilon
+        return (
+            f"{where}: noise_multiplier {rec['noise_multiplier']:.6g} is not the recalibrated "
+            f"release z {z:.6g} (warm_start.share {cfg.warm_start.share:g} of target epsilon "
+            f"{target:g}, tolerance {CALIBRATION_TOLERANCE:.0%})"
+        )
     return None

@@ -55,6 +55,7 @@ from typing import Any, Protocol
 from common.errors import DataError
 from common.privacy.accounting import AccountantKind, MechanismStep
 from common.privacy.mechanism import effective_noise_multiplier
+from common.privacy.plan import RELEASE_NAMES
 
 __all__ = [
     "GENESIS_HASH",
@@ -73,6 +74,7 @@ __all__ = [
     "line_hash",
     "read_ledger",
     "read_ledger_lines",
+    "release_problem",
     "round_problem",
     "signed_body",
 ]
@@ -246,7 +248,7 @@ def history_from_ledger(records: Sequence[Mapping[str, Any]]) -> list[MechanismS
             steps=int(rec["steps"]),
         )
         for rec in records
-        if rec.get("type") == "round" and rec.get("released") is True
+        if rec.get("type") in ("release", "round") and rec.get("released") is True
     ]
 
 
@@ -341,6 +343,22 @@ def round_problem(rec: Mapping[str, Any], *, mode: LedgerMode, population: int) 
             return f"{where}: {key} must be null (unbounded) when DP is off, got {value!r}"
     if released and rec["steps"] < 1:
         return f"{where}: a released round has steps >= 1, got {rec['steps']}"
+    participants: Any = rec.get("participants")
+    if participants is not None:
+        if not isinstance(participants, list) or not all(
+            _is_int(c) and 0 <= c < population for c in participants
+        ):
+            return f"{where}: participants must be client positions in [0, {population})"
+        if participants != sorted(set(participants)):
+            return f"{where}: participants must be sorted and unique"
+        if len(participants) != rec["participated"]:
+            return (
+                f"{where}: {len(participants)} participants listed, participated is "
+                f"{rec['participated']}"
+            )
+    value = rec.get("epsilon_aggregator")
+    if value is not None and (not _is_number(value) or value < 0):
+        return f"{where}: epsilon_aggregator must be a finite number >= 0, got {value!r}"
     if mode is LedgerMode.CLIENT:
         if not math.isclose(m, q * population, rel_tol=_REL_TOL):
             return f"{where}: expected_participants {m} is not sample_rate * population"
@@ -366,6 +384,24 @@ def round_problem(rec: Mapping[str, Any], *, mode: LedgerMode, population: int) 
     return None
 
 
+def release_problem(rec: Mapping[str, Any], *, population: int) -> str | None:
+    """What is wrong with a warm-start release record, in one line, or ``None``.
+
+    A release is a client-level round at sample rate 1 over all ``population`` clients: the
+    round checks of :func:`round_problem` apply, plus its ``release`` name and ``q == 1``.
+    """
+    name = rec.get("release")
+    position = rec.get("round")
+    if name not in RELEASE_NAMES:
+        return f"release {position!r}: release must be one of {RELEASE_NAMES}, got {name!r}"
+    if position != RELEASE_NAMES.index(name) + 1:
+        return f"release {name}: it is release {RELEASE_NAMES.index(name) + 1}, not {position!r}"
+    if rec.get("sample_rate") != 1.0:
+        return f"release {name}: sample_rate must be 1, got {rec.get('sample_rate')!r}"
+    problem = round_problem(rec, mode=LedgerMode.CLIENT, population=population)
+    return None if problem is None else f"release {name}: {problem}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 
@@ -386,12 +422,14 @@ class LedgerWriter:
         hashes: list[str],
         rounds: int,
         signer: LineSigner | None = None,
+        releases: int = 0,
     ):
         """Use :meth:`create` or :meth:`open_existing`; this does not touch the file."""
         self.path = Path(path)
         self.header = header
         self._hashes = hashes  # line_hash of every line so far, header first
         self._rounds = rounds
+        self._releases = releases
         self._closed = False
         self._signer = signer
 
@@ -491,7 +529,7 @@ class LedgerWriter:
                 path=path,
                 line=1,
             )
-        rounds = 0
+        rounds = releases = 0
         for before, line in itertools.pairwise(lines):
             if line.record.get("prev") != before.sha256:
                 raise DataError(
@@ -506,6 +544,9 @@ class LedgerWriter:
                     path=path,
                     line=line.number,
                 )
+            if kind == "release" and not rounds and line.record.get("round") == releases + 1:
+                releases += 1
+                continue
             if kind != "round" or line.record.get("round") != rounds + 1:
                 raise DataError(
                     f"expected round record {rounds + 1}, got {kind!r} "
@@ -520,7 +561,13 @@ class LedgerWriter:
             hashes=[line.sha256 for line in lines],
             rounds=rounds,
             signer=signer,
+            releases=releases,
         )
+
+    @property
+    def releases(self) -> int:
+        """Number of warm-start release records written so far."""
+        return self._releases
 
     def append_round(
         self, record: Mapping[str, Any], *, cosignatures: Sequence[Mapping[str, Any]] = ()
@@ -554,7 +601,46 @@ class LedgerWriter:
         self._rounds += 1
         return full
 
-    def close(self, *, epsilon: float | None, epsilon_rdp: float | None) -> None:
+    def append_release(
+        self, record: Mapping[str, Any], *, cosignatures: Sequence[Mapping[str, Any]] = ()
+    ) -> dict[str, Any]:
+        """Write one warm-start release line (``type: "release"``) and return it as written.
+
+        ``record`` has a round record's fields plus ``release`` (its name); its ``round`` is
+        the release's position (1, 2), and releases come before every round. It is checked as
+        a client-level round at sample rate 1 (m = N, z_eff = z * sqrt(k / N)).
+
+        Raises
+        ------
+        ValueError
+            If a field is out of range, a round was written already, or the position is not
+            the next release's.
+        """
+        self._check_open()
+        if cosignatures and self._signer is None:
+            raise ValueError("co-signatures need a signed ledger (a writer with a signer)")
+        if self._rounds:
+            raise ValueError("a warm-start release must come before the first round")
+        full: dict[str, Any] = {"mechanism": MECHANISM, **record}
+        full.pop(SIGNATURES_FIELD, None)
+        full["type"] = "release"
+        full["prev"] = self._hashes[-1]
+        if full.get("round") != self._releases + 1:
+            raise ValueError(f"release must be {self._releases + 1}, got {full.get('round')!r}")
+        problem = release_problem(full, population=self.header["population"])
+        if problem is not None:
+            raise ValueError(problem)
+        self._append(full, cosignatures=[dict(c) for c in cosignatures])
+        self._releases += 1
+        return full
+
+    def close(
+        self,
+        *,
+        epsilon: float | None,
+        epsilon_rdp: float | None,
+        epsilon_aggregator: float | None = None,
+    ) -> None:
         """Write the final line: the run ended cleanly after :attr:`rounds` rounds.
 
         Parameters
@@ -562,13 +648,18 @@ class LedgerWriter:
         epsilon, epsilon_rdp:
             The final claimed PRV and RDP epsilons (those of the last round; ``None`` when DP
             is off).
+        epsilon_aggregator:
+            The largest epsilon of any client against the aggregator (the last line's), when
+            the lines list their participants.
         """
         self._check_open()
+        extra = {} if epsilon_aggregator is None else {"epsilon_aggregator": epsilon_aggregator}
         final = {
             "type": "final",
             "rounds": self._rounds,
             "epsilon": epsilon,
             "epsilon_rdp": epsilon_rdp,
+            **extra,
             "chain": chain_digest(self._hashes),
             "prev": self._hashes[-1],
         }

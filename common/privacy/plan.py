@@ -33,11 +33,16 @@ from common.privacy.accounting import (
 )
 from common.run.config import PrivacyMode, RunConfig
 
+RELEASE_NAMES = ("popularity", "cooccurrence")
+"""The warm start's releases (:mod:`common.warmstart`), in the order they run."""
+
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
     "MIN_TARGET_EPSILON",
+    "RELEASE_NAMES",
     "DPPlan",
     "calibrate_noise_multiplier",
+    "calibrate_releases",
     "check_target_epsilon",
     "dpsgd_shape",
     "participation_factor",
@@ -88,6 +93,39 @@ class DPPlan:
     accounting_noise_multiplier: float | None = None
     """The smallest per-round effective z the calibration planned for (client mode: z at the
     ``participation_quantile`` participant count); clients guard their budgets with it."""
+    release_noise_multipliers: tuple[float, ...] = ()
+    """z of each of the warm start's releases, in :data:`RELEASE_NAMES` order
+    (``warm_start.enabled``; sample rate 1, all N clients, fixed denominator N); empty without
+    a warm start."""
+    release_min_participation: float = 1.0
+    """f: each release was calibrated for f N answers and is released only with at least that
+    many (``warm_start.min_participation``)."""
+
+    @property
+    def release_min_clients(self) -> int:
+        """The fewest answers a release needs: ``ceil(f N)``."""
+        return math.ceil(self.release_min_participation * self.population - 1e-9)
+
+    @property
+    def release_steps(self) -> list[MechanismStep]:
+        """The warm start's two releases at the fewest answers they may have (``f N``: their
+        noise is then ``z * sqrt(f)``, the calibrated z), or none without a warm start."""
+        floor = math.sqrt(self.release_min_clients / self.population)
+        return [MechanismStep(z * floor, 1.0, 1) for z in self.release_noise_multipliers]
+
+    def release_noise_multiplier(self, name: str) -> float:
+        """z of the release ``name`` (:data:`RELEASE_NAMES`).
+
+        Raises
+        ------
+        ValueError
+            If the plan has no warm start or ``name`` is not a release.
+        """
+        if not self.release_noise_multipliers:
+            raise ValueError("the plan has no warm-start release (warm_start.enabled is false)")
+        if name not in RELEASE_NAMES:
+            raise ValueError(f"unknown release {name!r} (expected one of {RELEASE_NAMES})")
+        return self.release_noise_multipliers[RELEASE_NAMES.index(name)]
 
     @property
     def fixed_denominator(self) -> bool:
@@ -175,7 +213,23 @@ def plan_privacy(
             population=population, sample_rate=q, quantile=p.participation_quantile
         )
     delta = p.delta if p.delta is not None else default_delta(units)
-    if p.noise_multiplier is not None:
+    releases: list[MechanismStep] = []
+    z_releases: tuple[float, ...] = ()
+    if cfg.warm_start.enabled:
+        assert p.target_epsilon is not None  # checked by RunConfig
+        floors = calibrate_releases(
+            target_epsilon=cfg.warm_start.share * p.target_epsilon,
+            delta=delta,
+            popularity_share=cfg.warm_start.popularity_share,
+            accountant=AccountantKind(p.accountant),
+        )
+        floor = math.ceil(cfg.warm_start.min_participation * population - 1e-9)
+        # z_eff at f N answers is the calibrated z: z * sqrt(f N / N)
+        z_releases = tuple(z / math.sqrt(floor / population) for z in floors)
+        releases = [MechanismStep(z, 1.0, 1) for z in floors]
+    if cfg.rounds == 0:  # the warm start alone (warm_start.share = 1): z is the releases' one
+        z = z_planned = 1 / math.sqrt(sum(1 / z**2 for z in z_releases))
+    elif p.noise_multiplier is not None:
         z = p.noise_multiplier
         z_planned = z * factor
     else:
@@ -186,6 +240,7 @@ def plan_privacy(
             sample_rate=q,
             steps=cfg.rounds * steps,
             accountant=AccountantKind(p.accountant),
+            prefix=releases,
         )
         z = z_planned / factor
     return DPPlan(
@@ -200,6 +255,8 @@ def plan_privacy(
         target_epsilon=p.target_epsilon,
         steps_per_round=steps,
         accounting_noise_multiplier=z_planned,
+        release_noise_multipliers=z_releases,
+        release_min_participation=cfg.warm_start.min_participation,
     )
 
 
@@ -241,8 +298,11 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: AccountantKind,
     tolerance: float = 0.01,
+    prefix: Sequence[MechanismStep] = (),
 ) -> float:
     """Smallest noise multiplier whose epsilon after ``steps`` rounds stays within the target.
+
+    ``prefix``: mechanisms released before the rounds (the warm start's), composed with them.
 
     Bracketing search (:func:`_smallest_noise_multiplier`) on z for
     ``compute_epsilon([MechanismStep(z, q, steps)]) <= target``: the inverse of the accounting of
@@ -301,13 +361,13 @@ def calibrate_noise_multiplier(
     def epsilon_of(z: float) -> float:
         # never negative nor NaN; PRV falls back to RDP where its grid would be too large
         step = MechanismStep(noise_multiplier=z, sample_rate=sample_rate, steps=steps)
-        return compute_epsilon([step], delta=delta, accountant=accountant)
+        return compute_epsilon([*prefix, step], delta=delta, accountant=accountant)
 
     # Each unit takes part in some step with probability p = 1 - (1 - q)^steps, and a mechanism
     # that ignores units not sampled is (0, p)-DP whatever its noise: at delta >= p epsilon 0
     # holds with no noise at all, and the accountants' epsilon there is 0 or a numerical failure.
     taking_part = 1.0 if sample_rate == 1 else -math.expm1(steps * math.log1p(-sample_rate))
-    if delta >= taking_part:
+    if delta >= taking_part and not prefix:
         raise ValueError(
             f"target epsilon {target_epsilon:g} at delta {delta:.3g} cannot be certified by noise: "
             f"delta is at least {taking_part:.3g}, the probability that a unit takes part in any "
@@ -335,6 +395,40 @@ def calibrate_noise_multiplier(
             f"{eps:.3g}, not in (0, {target_epsilon:g}] (q={sample_rate}, steps={steps})"
         )
     return z
+
+
+def calibrate_releases(
+    *,
+    target_epsilon: float,
+    delta: float,
+    popularity_share: float,
+    accountant: AccountantKind,
+    tolerance: float = 0.01,
+) -> tuple[float, ...]:
+    """The warm start's noise multipliers, in :data:`RELEASE_NAMES` order: the smallest
+    ``z`` with ``(z / sqrt(p), z / sqrt(1 - p))`` within ``target_epsilon`` at ``delta``.
+
+    Two Gaussian releases at sample rate 1 compose to one at ``z`` exactly; the search composes
+    the two steps themselves with ``accountant``, so the result never overshoots.
+    """
+    check_positive("target_epsilon", target_epsilon)
+    check_delta("delta", delta)
+    check_target_epsilon(target_epsilon=target_epsilon, delta=delta)
+    if not 0 < popularity_share < 1:
+        raise ValueError(f"popularity_share must be in (0, 1), got {popularity_share!r}")
+    shares = (popularity_share, 1 - popularity_share)
+
+    def epsilon_of(z: float) -> float:
+        steps = [MechanismStep(z / math.sqrt(s), 1.0, 1) for s in shares]
+        return compute_epsilon(steps, delta=delta, accountant=accountant)
+
+    z, eps = _smallest_noise_multiplier(epsilon_of, target=target_epsilon, tolerance=tolerance)
+    if not (math.isfinite(z) and 0 < eps <= target_epsilon):
+        raise ValueError(
+            f"target epsilon {target_epsilon:g} at delta {delta:.3g} cannot be certified for "
+            f"the warm-start releases by the {accountant} accountant"
+        )
+    return tuple(z / math.sqrt(s) for s in shares)
 
 
 def _log_interpolate(low: tuple[float, float], high: tuple[float, float], target: float) -> float:

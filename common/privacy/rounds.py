@@ -14,16 +14,23 @@ configured z (docs/design.md, "Privacy accounting").
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
 from common.config import to_dict
-from common.privacy.accounting import AccountantKind, MechanismStep, PrivacyAccountant
+from common.privacy.accounting import (
+    AccountantKind,
+    AggregatorView,
+    MechanismStep,
+    PrivacyAccountant,
+    aggregator_noise_multiplier,
+)
 from common.privacy.mechanism import effective_noise_multiplier
-from common.privacy.plan import DPPlan
+from common.privacy.plan import RELEASE_NAMES, DPPlan
 from common.run.config import RunConfig
 from common.run.owner import config_hash
 
@@ -31,12 +38,19 @@ __all__ = [
     "NOISE_OS_ENTROPY",
     "NOISE_SEEDED",
     "PrivacyRound",
+    "ReleaseWithheldError",
+    "aggregator_noise_multiplier_of",
+    "charge_aggregator",
+    "charge_release",
     "charge_round",
+    "check_release_participation",
     "client_round_step",
     "example_round_step",
     "ledger_header",
     "privacy_summary",
+    "release_plan",
     "resume_accountant",
+    "resume_aggregator",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,10 +80,21 @@ class PrivacyRound:
     epsilon_accountant: str
     """``"prv"`` or ``"rdp"``: which accountant :attr:`epsilon` comes from."""
     epsilon_rdp: float
+    release: str | None = None
+    """A warm-start release (:data:`common.privacy.plan.RELEASE_NAMES`; :attr:`round` is then
+    its position, 1 or 2), written as a ``release`` line; ``None`` for a training round."""
+    participants: tuple[int, ...] | None = None
+    """Positions (canonical order) of the clients whose update entered the sum; ``None`` when
+    not recorded."""
+    epsilon_aggregator: float | None = None
+    """The largest epsilon of any client against the aggregator after this line
+    (:class:`common.privacy.accounting.AggregatorView`)."""
 
     def to_record(self) -> dict[str, Any]:
         """The ledger's round record (plain JSON types), in the ledger's field order."""
+        head: dict[str, Any] = {} if self.release is None else {"release": self.release}
         return {
+            **head,
             "round": self.round,
             "sample_rate": self.sample_rate,
             "invited": self.invited,
@@ -83,6 +108,12 @@ class PrivacyRound:
             "epsilon": self.epsilon,
             "epsilon_accountant": self.epsilon_accountant,
             "epsilon_rdp": self.epsilon_rdp,
+            **({} if self.participants is None else {"participants": list(self.participants)}),
+            **(
+                {}
+                if self.epsilon_aggregator is None
+                else {"epsilon_aggregator": self.epsilon_aggregator}
+            ),
         }
 
 
@@ -170,6 +201,135 @@ def charge_round(
     return record
 
 
+def release_plan(plan: DPPlan, name: str) -> DPPlan:
+    """The plan of the warm-start release ``name``: all N clients asked (q = 1, fixed
+    denominator N) at its z and clip 1 (a statistic's norm bound); delta and population are the
+    run's."""
+    z = plan.release_noise_multiplier(name)
+    return dataclasses.replace(
+        plan,
+        noise_multiplier=z,
+        clip=1.0,
+        sample_rate=1.0,
+        expected_participants=float(plan.population),
+        accounting_noise_multiplier=z,
+        rounds=len(RELEASE_NAMES),
+    )
+
+
+class ReleaseWithheldError(RuntimeError):
+    """Too few clients answered a warm-start release: its sum is not released (decrypted)."""
+
+
+def check_release_participation(plan: DPPlan, *, name: str, participated: int) -> None:
+    """Raise :class:`ReleaseWithheldError` unless at least ``ceil(f N)`` clients answered.
+
+    The release's z was calibrated for that many answers (its noise falls with fewer), so the
+    server withholds a sum with fewer: the test that keeps the epsilon within the target.
+    """
+    needed = plan.release_min_clients
+    if participated < needed:
+        raise ReleaseWithheldError(
+            f"warm-start release {name}: {participated} of {plan.population} clients answered, "
+            f"it needs {needed} (warm_start.min_participation "
+            f"{plan.release_min_participation:g}); the sum is withheld"
+        )
+
+
+def charge_release(
+    accountant: PrivacyAccountant,
+    plan: DPPlan,
+    *,
+    name: str,
+    invited: int,
+    participated: int,
+) -> PrivacyRound:
+    """Charge the warm-start release ``name`` (when anything came back) and record it.
+
+    The release is one Gaussian step at sample rate 1 whose noise, relative to the clip, is
+    ``z * sqrt(k / N)`` for ``k`` of the ``N`` clients answering (:func:`release_plan`). Its
+    epsilon is RDP (the PRV figure comes with the last round), PRV for the last release of a
+    run without rounds.
+    """
+    if name not in RELEASE_NAMES:
+        raise ValueError(f"unknown release {name!r} (expected one of {RELEASE_NAMES})")
+    rplan = release_plan(plan, name)
+    step = client_round_step(rplan, participated=participated)
+    released = participated > 0
+    if released:
+        accountant.step(step)
+    else:
+        step = MechanismStep(rplan.noise_multiplier, 1.0, 1)
+    epsilon_rdp = accountant.epsilon_rdp
+    last = plan.rounds == 0 and name == RELEASE_NAMES[-1]  # no round follows: the PRV claim
+    record = PrivacyRound(
+        round=RELEASE_NAMES.index(name) + 1,
+        sample_rate=1.0,
+        invited=invited,
+        participated=participated,
+        expected_participants=rplan.expected_participants,
+        clip=rplan.clip,
+        noise_multiplier=rplan.noise_multiplier,
+        effective_noise_multiplier=step.noise_multiplier,
+        steps=1,
+        released=released,
+        epsilon=accountant.epsilon_prv() if last else epsilon_rdp,
+        epsilon_accountant="prv" if last else "rdp",
+        epsilon_rdp=epsilon_rdp,
+        release=name,
+    )
+    logger.info(
+        "release %s: clip %.3g, z %.3g (effective %.3g), %d of %d clients, epsilon (RDP) %.4g",
+        name,
+        rplan.clip,
+        rplan.noise_multiplier,
+        step.noise_multiplier,
+        participated,
+        invited,
+        epsilon_rdp,
+    )
+    return record
+
+
+def charge_aggregator(
+    view: AggregatorView,
+    record: PrivacyRound,
+    *,
+    participants: Sequence[int],
+    encrypted: bool,
+) -> PrivacyRound:
+    """``record`` with its ``participants`` and the aggregator-view epsilon after it, having
+    added the line to ``view`` (:class:`common.privacy.accounting.AggregatorView`)."""
+    kept = tuple(sorted(int(p) for p in participants))
+    if len(kept) != record.participated:
+        raise ValueError(f"{len(kept)} participants listed, the record has {record.participated}")
+    if record.released and kept:
+        view.add(kept, aggregator_noise_multiplier_of(record.to_record(), encrypted=encrypted))
+    return dataclasses.replace(record, participants=kept, epsilon_aggregator=view.epsilon())
+
+
+def aggregator_noise_multiplier_of(record: Mapping[str, Any], *, encrypted: bool) -> float:
+    """The noise multiplier the aggregator saw for a ledger ``record`` (round or release)."""
+    return aggregator_noise_multiplier(
+        effective_noise_multiplier=float(record["effective_noise_multiplier"]),
+        noise_multiplier=float(record["noise_multiplier"]),
+        expected=float(record["expected_participants"]),
+        encrypted=encrypted,
+    )
+
+
+def resume_aggregator(
+    delta: float, records: Iterable[Mapping[str, Any]], *, encrypted: bool
+) -> AggregatorView:
+    """The aggregator view of a run that already wrote ``records`` (releases and rounds)."""
+    view = AggregatorView(delta=delta)
+    for rec in records:
+        participants = rec.get("participants")
+        if rec.get("released") and participants:
+            view.add(participants, aggregator_noise_multiplier_of(rec, encrypted=encrypted))
+    return view
+
+
 def resume_accountant(plan: DPPlan, records: Iterable[Mapping[str, Any]]) -> PrivacyAccountant:
     """The accountant of a run that already ran the rounds of ``records`` (their ledger records,
     :meth:`PrivacyRound.to_record`): each released round's charged step, composed again."""
@@ -227,6 +387,10 @@ def privacy_summary(plan: DPPlan, last: Mapping[str, Any] | None) -> dict[str, A
         "clip": plan.clip,
         "sample_rate": plan.sample_rate,
         "steps_per_round": plan.steps_per_round,
+        "release_noise_multipliers": {
+            n: z for n, z in zip(RELEASE_NAMES, plan.release_noise_multipliers, strict=False)
+        },
         "mode": plan.mode.value,
         "accountant": AccountantKind.PRV.value,
+        "epsilon_aggregator": None if last is None else last.get("epsilon_aggregator"),
     }

@@ -13,6 +13,10 @@ train (server -> client)
     ``beta``), the DP mechanism when there is one (:class:`ClientDPConfig`, ``dp-*``, or
     :class:`ExampleDPConfig`, ``dpsgd-*``), ``he-fingerprint`` in an encrypted run and the run
     info of a deployment (``fedrec-run-config``, ``fedrec-item-ids``; :mod:`common.run.info`).
+    A warm-start release's train message (:mod:`common.warmstart`) carries the release's
+    name (``release``), its vocabulary (``release-vocabulary``, co-occurrence only) and zeros
+    of the statistic's size as ``arrays`` (``statistic``); its reply is that statistic in place
+    of the update, through the same DP and HE mods.
 train reply (client -> server)
     ``arrays`` (the pre-weighted update) or, encrypted, the ``he`` config record; ``metrics``:
     :class:`TrainMetrics`, or a :class:`Refusal` (no update) when one more round would exceed
@@ -74,6 +78,9 @@ from common.protocol.keys import (
     METRICS_RECORD,
     NUM_EXAMPLES,
     REFUSED,
+    RELEASE,
+    RELEASE_STATISTIC,
+    RELEASE_VOCABULARY,
     RUN_CONFIG_KEY,
     SECONDS_SUFFIX,
     SERIALIZE_SECONDS,
@@ -135,6 +142,9 @@ __all__ = [
     "METRICS_RECORD",
     "NUM_EXAMPLES",
     "REFUSED",
+    "RELEASE",
+    "RELEASE_STATISTIC",
+    "RELEASE_VOCABULARY",
     "RUN_CONFIG_KEY",
     "SECONDS_SUFFIX",
     "SERIALIZE_SECONDS",

@@ -22,6 +22,8 @@ from common.protocol.keys import (
     DPSGD_MAX_SAMPLE_RATE,
     DPSGD_MAX_STEPS,
     DPSGD_NOISE_MULTIPLIER,
+    RELEASE,
+    RELEASE_VOCABULARY,
     SERVER_ROUND,
 )
 from common.protocol.records import (
@@ -30,6 +32,7 @@ from common.protocol.records import (
     read_float,
     read_int,
     read_optional_float,
+    read_str,
 )
 
 __all__ = [
@@ -50,19 +53,33 @@ class RoundConfig:
     Attributes
     ----------
     server_round:
-        The round number (``server-round``).
+        The round number (``server-round``); in a warm-start release, the release's position
+        (1, 2): the round its ledger line and the committee's co-signatures state.
     beta:
         The round's KL weight (``beta``); train messages only.
+    release:
+        A warm-start release's name (``release``, :data:`common.privacy.plan.RELEASE_NAMES`):
+        the train message asks for that statistic (:func:`common.warmstart.statistic`) instead
+        of a model update; ``None`` in a training round.
+    vocabulary:
+        The co-occurrence release's item columns (``release-vocabulary``), or ``None``.
     """
 
     server_round: int
     beta: float | None = None
+    release: str | None = None
+    vocabulary: tuple[int, ...] | None = None
 
     def write(self, config: ConfigRecord) -> None:
-        """Add these settings to a message's ``config`` record (beta only when set)."""
+        """Add these settings to a message's ``config`` record (beta, release and vocabulary
+        only when set)."""
         config[SERVER_ROUND] = self.server_round
         if self.beta is not None:
             config[BETA] = self.beta
+        if self.release is not None:
+            config[RELEASE] = self.release
+        if self.vocabulary is not None:
+            config[RELEASE_VOCABULARY] = [int(i) for i in self.vocabulary]
 
     def to_record(self) -> ConfigRecord:
         """A new ``config`` record holding only these settings."""
@@ -77,12 +94,17 @@ class RoundConfig:
         Raises
         ------
         ProtocolError
-            If ``server-round`` is missing or not an int, or ``beta`` is there but not a
-            number.
+            If ``server-round`` is missing or not an int, ``beta`` is there but not a number,
+            ``release`` is there but not a str, or ``release-vocabulary`` is there but not a
+            list of non-negative ints.
         """
         return cls(
             server_round=read_int(config, SERVER_ROUND, record_name=CONFIG_RECORD),
             beta=read_optional_float(config, BETA, record_name=CONFIG_RECORD),
+            release=(
+                read_str(config, RELEASE, record_name=CONFIG_RECORD) if RELEASE in config else None
+            ),
+            vocabulary=_read_vocabulary(config),
         )
 
     def require_beta(self) -> float:
@@ -96,6 +118,21 @@ class RoundConfig:
         if self.beta is None:
             raise ProtocolError("is missing", key=BETA, record=CONFIG_RECORD)
         return self.beta
+
+
+def _read_vocabulary(config: ConfigRecord) -> tuple[int, ...] | None:
+    """The ``release-vocabulary`` of ``config`` (``None`` when it has none)."""
+    if RELEASE_VOCABULARY not in config:
+        return None
+    value = config[RELEASE_VOCABULARY]
+    items: list[int] = []
+    for i in value if isinstance(value, list) else [None]:
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise ProtocolError(
+                "must be a list of non-negative ints", key=RELEASE_VOCABULARY, record=CONFIG_RECORD
+            )
+        items.append(i)
+    return tuple(items)
 
 
 def read_accounting_noise_multiplier(config: ConfigRecord) -> float:

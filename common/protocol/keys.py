@@ -43,6 +43,9 @@ __all__ = [
     "METRICS_RECORD",
     "NUM_EXAMPLES",
     "REFUSED",
+    "RELEASE",
+    "RELEASE_STATISTIC",
+    "RELEASE_VOCABULARY",
     "RUN_CONFIG_KEY",
     "SECONDS_SUFFIX",
     "SERIALIZE_SECONDS",
@@ -73,6 +76,14 @@ SERVER_ROUND: Final = "server-round"
 """The round number (int, from 1), in every server message."""
 BETA: Final = "beta"
 """The round's KL weight of the Mult-VAE loss (float), in train messages."""
+RELEASE: Final = "release"
+"""A warm-start release's name (str, :mod:`common.warmstart`), in its train messages: the client
+replies with that statistic instead of a model update."""
+RELEASE_VOCABULARY: Final = "release-vocabulary"
+"""The co-occurrence release's vocabulary (list of item columns), in its train messages."""
+RELEASE_STATISTIC: Final = "statistic"
+"""The one array of a warm-start release: zeros of the statistic's size in the train message (its
+layout), the client's statistic in the reply."""
 
 DP_CLIP: Final = "dp-clip"
 """Client-level DP: the clipping norm C of an unweighted update."""

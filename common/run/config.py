@@ -33,6 +33,7 @@ __all__ = [
     "ServerConfig",
     "ServerOptimizer",
     "SimulationSection",
+    "WarmStartConfig",
     "check_run_data",
     "expected_cohort_floor",
     "load_run_config",
@@ -108,7 +109,8 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     """Concentration of the Dirichlet partition; smaller is more skewed."""
     client_holdout_fraction: float = 0.2
-    """Share of a client's own items it holds out to evaluate the global model locally."""
+    """Share of a client's own items it holds out to evaluate the global model locally (0: no
+    local evaluation; every item is trained on and enters the warm-start statistics)."""
     strict: bool = False
     """Refuse the data file at its first bad row (with its file and line) instead of dropping
     bad rows and counting them in ``RUN_DIR/data/cleaning.json``."""
@@ -122,8 +124,8 @@ class DataConfig:
             _at_least("n_heldout_users", self.n_heldout_users, 1)
         _at_least("n_silos", self.n_silos, 1)
         _positive("dirichlet_alpha", self.dirichlet_alpha)
-        if not 0 < self.client_holdout_fraction < 1:
-            raise ValueError("client_holdout_fraction must be in (0, 1)")
+        if not 0 <= self.client_holdout_fraction < 1:
+            raise ValueError("client_holdout_fraction must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,54 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
+class WarmStartConfig:
+    """The DP warm start (:mod:`common.warmstart`): two releases before the training rounds.
+
+    Every client sends its item popularity, then its item co-occurrence over the DP top items,
+    clipped, noised and (with encryption) encrypted like an update; the server builds the
+    Mult-VAE's first and last layers from the two noisy sums, then fine-tunes it with the rounds.
+    """
+
+    enabled: bool = False
+    """Run the two releases before round 1."""
+    share: float = 0.9
+    """With ``privacy.target_epsilon``: the epsilon (at the run's delta) of the two releases
+    alone, as a fraction of the target; the rounds' z is then calibrated so that releases and
+    rounds together reach the target. Split between the two releases by ``popularity_share``.
+    1 gives the releases the whole target and needs ``rounds = 0`` (no fine-tuning)."""
+    popularity_share: float = 0.2
+    """The popularity release's part p of the warm start's noise budget, in Gaussian units: the
+    releases have z_pop = z / sqrt(p) and z_cooc = z / sqrt(1 - p), together one Gaussian
+    release at z (composition at sample rate 1 adds 1 / z^2)."""
+    vocabulary_threshold: float = 4.0
+    """The co-occurrence release covers the items whose DP popularity is at least this many
+    times the release's noise std."""
+    min_vocabulary: int = 50
+    """At least this many items in the co-occurrence release."""
+    max_vocabulary: int = 1000
+    """At most this many items: a client sends K (K + 1) / 2 values."""
+    min_participation: float = 0.99
+    """Each release is calibrated for this fraction f of the N clients answering (its noise is
+    z * sqrt(k / N) for k answers), and the server releases it only if at least f N answered:
+    the epsilon never exceeds the target, and ends within 1 - sqrt(f) of it when all answer."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.share) and 0 < self.share <= 1):
+            raise ValueError(f"warm_start.share must be in (0, 1], got {self.share}")
+        _positive("warm_start.vocabulary_threshold", self.vocabulary_threshold)
+        if not (math.isfinite(self.popularity_share) and 0 < self.popularity_share < 1):
+            raise ValueError(
+                f"warm_start.popularity_share must be in (0, 1), got {self.popularity_share}"
+            )
+        _at_least("warm_start.min_vocabulary", self.min_vocabulary, 1)
+        _at_least("warm_start.max_vocabulary", self.max_vocabulary, self.min_vocabulary)
+        if not (math.isfinite(self.min_participation) and 0 < self.min_participation <= 1):
+            raise ValueError(
+                f"warm_start.min_participation must be in (0, 1], got {self.min_participation}"
+            )
+
+
+@dataclass(frozen=True)
 class SimulationSection:
     """Flower simulation engine resources."""
 
@@ -364,7 +414,7 @@ class RunConfig:
     seed: int = 0
     """Seed of the split, the initialization, the sampling and the clients."""
     rounds: int = 50
-    """Federated rounds."""
+    """Federated rounds (after the warm start's releases, if any); 0 only with a warm start."""
     eval_every: int = 5
     """Evaluate the global model on the held-out test users every K rounds (and at the end)."""
     reference: bool = True
@@ -377,11 +427,19 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.rounds < 0 or (self.rounds == 0 and not self.warm_start.enabled):
+            raise ValueError(f"rounds must be >= 1 (0 only with warm_start), got {self.rounds}")
+        dp_on = self.privacy.mode is not PrivacyMode.OFF
+        if self.warm_start.enabled and dp_on and (self.warm_start.share == 1) != (self.rounds == 0):
+            raise ValueError(
+                "warm_start.share = 1 gives the releases the whole budget and needs rounds = 0; "
+                f"rounds = 0 needs warm_start.share = 1 (got share {self.warm_start.share}, "
+                f"rounds {self.rounds})"
+            )
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.seed < 0:
@@ -406,6 +464,20 @@ class RunConfig:
             raise ValueError(
                 "privacy.mode = 'client' needs server.sampling = 'poisson': the accounting relies "
                 "on amplification by Poisson sampling"
+            )
+        if self.warm_start.enabled and self.privacy.mode is PrivacyMode.EXAMPLE:
+            raise ValueError(
+                "warm_start.enabled needs privacy.mode = 'client' or 'off': its releases are "
+                "client-level sums"
+            )
+        if (
+            self.warm_start.enabled
+            and self.privacy.mode is PrivacyMode.CLIENT
+            and self.privacy.target_epsilon is None
+        ):
+            raise ValueError(
+                "warm_start.enabled with privacy.mode = 'client' needs privacy.target_epsilon: "
+                "warm_start.share splits it between the releases and the rounds"
             )
         if self.privacy.mode is PrivacyMode.EXAMPLE and self.client.optimizer != "sgd":
             raise ValueError(

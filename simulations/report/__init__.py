@@ -11,11 +11,15 @@ as base64 ``data:`` URIs and the CSS is inline, so it opens offline and can be m
 The page, top to bottom, with the element ids tests and readers can rely on:
 
 - ``#baselines``: the headline, federated test NDCG@100 beside the popularity and EASE baselines
-  and the centralized reference (all on the run's held-out test users), with ratios;
+  and the centralized reference (all on the run's held-out test users), with ratios, and the
+  warm start's model alone where the run began with one and trained after it;
+- ``#warm-start`` (only with a warm start): how the model was initialized from the two DP
+  releases, its test NDCG@100 before any round, and the releases (``#warm-releases``);
 - ``#privacy``: the privacy box: mode, target and spent epsilon (PRV, with RDP beside it),
-  delta, noise multiplier, clip, sample rate, population, rounds and the verdict of
-  :func:`common.privacy.audit.verify_ledger` on the run's ledger;
-- ``#run``: rounds, wall time and traffic; ``#plots``: the three PNGs;
+  delta, noise multiplier, clip, sample rate, population, rounds (and the releases composed
+  with them) and the verdict of :func:`common.privacy.audit.verify_ledger` on the run's ledger;
+- ``#run``: rounds, wall time and traffic; ``#plots``: the three PNGs (a note instead for a
+  warm start alone);
 - ``#rounds``: every round in a scrolling table with a sticky header;
 - ``#config``: the run configuration as dotted keys and values;
 - ``#provenance``: package versions and the git commit that produced the run.

@@ -1,4 +1,7 @@
-"""The report's offline HTML page, section by section (see :mod:`simulations.report`)."""
+"""The report's offline HTML page, section by section (see :mod:`simulations.report`).
+
+(Over 400 lines: one function per section of one page, in page order.)
+"""
 
 from __future__ import annotations
 
@@ -18,8 +21,11 @@ from simulations.report.results import (
     _comparison,
     _dict,
     _number,
+    _releases,
     _rounds,
     _series,
+    _warm_only,
+    _warm_start,
     load_results,
 )
 
@@ -28,7 +34,12 @@ __all__ = ["write_report"]
 logger = logging.getLogger(__name__)
 
 
-_SHORT = {"popularity": "popularity", "ease": "EASE", "reference": "central"}
+_SHORT = {
+    "warm": "warm start",
+    "popularity": "popularity",
+    "ease": "EASE",
+    "reference": "central",
+}
 
 
 def _baselines_section(results: dict[str, Any]) -> str:
@@ -36,8 +47,11 @@ def _baselines_section(results: dict[str, Any]) -> str:
     models = _comparison(results)
     federated = models[0]
     fed_ndcg = federated.test.get("ndcg@100")
-    parts = [f'federated NDCG@100 <span class="figure">{_e(_fmt(_number(fed_ndcg)))}</span>']
+    what = "federated NDCG@100 (warm start only)" if _warm_only(results) else "federated NDCG@100"
+    parts = [f'{_e(what)} <span class="figure">{_e(_fmt(_number(fed_ndcg)))}</span>']
     for model in models[1:]:
+        if model.key == "warm":  # in the table; the headline keeps the baselines
+            continue
         value = _fmt(_number(model.test.get("ndcg@100")))
         ratio = _ratio(fed_ndcg, model.test.get("ndcg@100"))
         parts.append(
@@ -72,21 +86,136 @@ def _baselines_section(results: dict[str, Any]) -> str:
             "Baselines: not recorded (the run has not finished, or its folder holds no "
             "training rows)."
         )
+    if any(model.key == "warm" for model in models):
+        note += (
+            " The warm start only row is the model the warm start's two DP releases gave, "
+            "before the first training round (see the warm start section)."
+        )
+    elif _warm_only(results):
+        note += (
+            " The run has no training rounds: the federated model is the warm start's, made "
+            "from its two DP releases alone."
+        )
     return (
         '<section id="baselines"><h2>Test quality against the baselines</h2>'
         f'{headline}{table}<p class="note">{_e(note)}</p></section>'
     )
 
 
-# ------------------------------------------------------------------------------------ privacy
+# --------------------------------------------------------------------------------- warm start
+
+_RELEASE_LABELS = {"popularity": "item popularity", "cooccurrence": "item co-occurrence"}
+
+
+def _release_values(warm: dict[str, Any]) -> dict[str, int | None]:
+    """Values each client sends per release: ``K (K + 1) / 2`` for the co-occurrence over the
+    vocabulary of ``K`` items, the rest of ``values_per_client`` (one per item) for the
+    popularity."""
+    size = _number(warm.get("vocabulary_size"))
+    total = _number(warm.get("values_per_client"))
+    cooccurrence = None if size is None else int(size) * (int(size) + 1) // 2
+    popularity = None if total is None or cooccurrence is None else int(total) - cooccurrence
+    return {"popularity": popularity, "cooccurrence": cooccurrence}
+
+
+def _clients_text(records: list[dict[str, Any]], population: Any) -> str:
+    """Who took part in the releases: ``all N clients`` where every release had them all."""
+    counts = {_number(r.get("participated")) for r in records}
+    invited = {_number(r.get("invited")) for r in records} | {_number(population)}
+    invited.discard(None)
+    if len(counts) == 1 and None not in counts and len(invited) == 1 and counts == invited:
+        return f"all {_fmt(int(counts.pop() or 0))} clients"
+    parts = [
+        f"{_fmt(r.get('participated'))} of {_fmt(r.get('invited'))}" for r in records
+    ]  # fmt: skip
+    return "respectively " + ", ".join(parts) + " clients"
+
+
+def _warm_section(results: dict[str, Any]) -> str:
+    """``#warm-start``: how the model was initialized, and its releases; empty without one."""
+    warm = _warm_start(results)
+    if not warm:
+        return ""
+    releases = _releases(results)
+    test = _number(_dict(warm.get("test")).get("ndcg@100"))
+    validation = _number(warm.get("validation_ndcg@100"))
+    rank = warm.get("rank")
+    chosen = (
+        f"rank k = {_fmt(rank)} (output scale {_fmt_z(warm.get('scale'))}, popularity weight "
+        f"α = {_fmt_z(warm.get('alpha'))}) was chosen on the validation users"
+        + ("" if validation is None else f" (validation NDCG@100 {validation:.4f})")
+    )
+    if rank == 0:
+        chosen += ": the co-occurrence was mostly noise, so the model is the DP popularity list"
+    before = (
+        "the run has no training rounds, so this is the final model"
+        if _warm_only(results)
+        else "federated DP training started from it"
+    )
+    text = (
+        f"The model was initialized from {len(releases) or 2} DP releases that "
+        f"{_clients_text(releases, results.get('population'))} took part in (sample rate 1): "
+        "the item popularity, then the item co-occurrence over a vocabulary of "
+        f"{_fmt(warm.get('vocabulary_size'))} items (the DP popularity's top items). The "
+        f"spectral model's {chosen}. Its test NDCG@100 before any round: "
+        f"{_fmt(test)}; {before}."
+    )
+    values = _release_values(warm)
+    rows = [
+        [
+            _RELEASE_LABELS.get(str(r.get("release")), str(r.get("release"))),
+            f"{_fmt(r.get('participated'))} of {_fmt(r.get('invited'))}",
+            _fmt_z(r.get("noise_multiplier")),
+            _fmt_z(r.get("effective_noise_multiplier")),
+            _fmt(values.get(str(r.get("release")))),
+            _epsilon_text(r),
+        ]
+        for r in releases
+    ]
+    header = ["release", "clients", "z", "effective z", "values per client", "ε after it"]
+    table = _table(header, rows, key_column=True, attrs='id="warm-releases"')
+    total = warm.get("values_per_client")
+    note = (
+        f"Each client sent {_fmt(total)} values in all, each release clipped to L2 norm "
+        f"{_fmt(_number(releases[0].get('clip')), 2) if releases else MISSING} and summed "
+        "with a fixed denominator; ε composes over the releases (and the rounds after them)."
+    )
+    return (
+        '<section id="warm-start"><h2>Warm start</h2>'
+        f'<p id="warm-start-text">{_e(text)}</p>{table}<p class="note">{_e(note)}</p></section>'
+    )
+
+
+def _fmt_z(value: Any) -> str:
+    number = _number(value)
+    return MISSING if number is None else f"{number:.4g}"
+
+
+def _epsilon_text(record: dict[str, Any]) -> str:
+    """A ledger record's epsilon with its accountant, e.g. ``7.942 (PRV)``."""
+    epsilon = _number(record.get("epsilon"))
+    if epsilon is None:
+        return MISSING
+    accountant = record.get("epsilon_accountant")
+    return f"{epsilon:.3f}" + (f" ({str(accountant).upper()})" if accountant else "")
+
+
+# ---------------------------------------------------------------------------------------- run
 
 
 def _run_section(results: dict[str, Any]) -> str:
     """``#run``: rounds, wall time and traffic."""
     wall = _number(results.get("wall_seconds"))
     planned = _dict(results.get("config")).get("rounds")
+    done = len(_rounds(results))
+    if _warm_only(results):
+        rounds_text = "none: warm start only (0 rounds planned)"
+    else:
+        rounds_text = f"{done:,} of {_fmt(planned)}"
+        if _warm_start(results):
+            rounds_text += f", after the warm start's {len(_releases(results)) or 2} releases"
     rows = [
-        ("rounds", f"{len(_rounds(results)):,} of {_fmt(planned)}"),
+        ("rounds", rounds_text),
         ("wall time", MISSING if wall is None else f"{wall:,.1f} s ({wall / 60:.1f} min)"),
         ("total MB up", _fmt_mb(sum(_series(results, "bytes_up")[1]))),
         ("total MB down", _fmt_mb(sum(_series(results, "bytes_down")[1]))),
@@ -158,7 +287,12 @@ def _rounds_section(results: dict[str, Any]) -> str:
     """``#rounds``: every round in a scroll container with a sticky header."""
     rounds = _rounds(results)
     if not rounds:
-        return '<section id="rounds"><h2>Rounds</h2><p>no round has finished yet</p></section>'
+        text = (
+            "no training rounds: the run is the warm start alone"
+            if _warm_only(results)
+            else "no round has finished yet"
+        )
+        return f'<section id="rounds"><h2>Rounds</h2><p>{text}</p></section>'
     columns = _round_columns(rounds)
     rows = [
         [fmt(None if isinstance(r.get(k), dict | list) else r.get(k)) for k, _, fmt in columns]
@@ -241,30 +375,8 @@ def _provenance_section(results: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------- page
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write the plots and a self-contained ``report.html`` for one run folder.
-
-    Parameters
-    ----------
-    run_dir:
-        Folder holding ``results.json``; the PNGs and the page are written next to it. Its
-        ``ledger.jsonl``, when present, is audited for the privacy box.
-
-    Returns
-    -------
-    Path
-        Path of ``report.html``.
-
-    Raises
-    ------
-    FedrecError
-        If ``results.json`` is missing or invalid (see :func:`load_results`).
-    """
-    run_dir = Path(run_dir)
-    results = load_results(run_dir)
-    config = _dict(results.get("config"))
-    name = str(config.get("name") or run_dir.name)
-
+def _plots(results: dict[str, Any], run_dir: Path) -> list[str]:
+    """Write the PNGs next to ``results.json``; their ``<img>`` elements."""
     plot_metrics(results, run_dir / "metrics.png")
     images = [
         _img(
@@ -283,6 +395,41 @@ def write_report(run_dir: Path) -> Path:
         )
     plot_cost(results, run_dir / "cost.png")
     images.append(_img(run_dir / "cost.png", "Time and traffic per round", "plot-cost"))
+    return images
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write the plots and a self-contained ``report.html`` for one run folder.
+
+    Parameters
+    ----------
+    run_dir:
+        Folder holding ``results.json``; the PNGs and the page are written next to it (no PNG
+        for a warm start alone, a run with no training rounds). Its ``ledger.jsonl``, when
+        present, is audited for the privacy box.
+
+    Returns
+    -------
+    Path
+        Path of ``report.html``.
+
+    Raises
+    ------
+    FedrecError
+        If ``results.json`` is missing or invalid (see :func:`load_results`).
+    """
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    config = _dict(results.get("config"))
+    name = str(config.get("name") or run_dir.name)
+
+    if _warm_only(results):  # nothing per round to draw
+        images = [
+            '<p class="note" id="no-plots">No plots: the run has no training rounds (warm '
+            "start only); its releases and their ε are in the warm start section.</p>"
+        ]
+    else:
+        images = _plots(results, run_dir)
 
     page = "\n".join(
         [
@@ -293,6 +440,7 @@ def write_report(run_dir: Path) -> Path:
             f"<style>{_CSS}</style></head><body>",
             f"<h1>{_e(name)} <small>{_e(run_dir)}</small></h1>",
             _baselines_section(results),
+            _warm_section(results),
             _privacy_section(results, run_dir),
             _run_section(results),
             '<section id="plots"><h2>Plots</h2>',

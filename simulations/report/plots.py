@@ -24,6 +24,8 @@ from simulations.report.results import (
     _epsilon_prv_series,
     _epsilon_rdp_series,
     _number,
+    _release_epsilon,
+    _releases,
     _round_number,
     _rounds,
     _series,
@@ -53,7 +55,8 @@ def _save(fig: Figure, path: Path) -> None:
     logger.info("wrote %s", path)
 
 
-_LINE_STYLES = {
+_LINE_STYLES: dict[str, dict[str, Any]] = {
+    "warm": {"color": "tab:purple", "linestyle": (0, (6, 2, 1, 2, 1, 2))},
     "popularity": {"color": "tab:gray", "linestyle": ":"},
     "ease": {"color": "tab:green", "linestyle": "-."},
     "reference": {"color": "0.3", "linestyle": "--"},
@@ -73,7 +76,8 @@ def plot_metrics(results: dict[str, Any], path: Path) -> None:
     Notes
     -----
     Only rounds with a server evaluation are drawn. The popularity and EASE baselines and the
-    centralized reference, where recorded, are horizontal lines. A mean client-side NDCG@100
+    centralized reference, where recorded, are horizontal lines, and so is the warm start's model
+    (before round 1) when the run began with one. A mean client-side NDCG@100
     (``client_ndcg@100``) is added when recorded.
     """
     fig = _figure(2)
@@ -120,8 +124,9 @@ def epsilon_figure(results: dict[str, Any]) -> Figure | None:
     Figure or None
         One panel: the RDP epsilon of every round as a line, the PRV epsilon (computed at the
         last round only; the reported one) as a star, and ``target_epsilon``, when the run has
-        one, as a dashed horizontal line, each named in the legend. ``None`` if no round
-        recorded an epsilon.
+        one, as a dashed horizontal line, each named in the legend; with a warm start, the
+        epsilon after its releases (spent before round 1) as a horizontal line. ``None``
+        if no round recorded an epsilon.
     """
     if not _tracks_epsilon(results):
         return None
@@ -137,10 +142,15 @@ def epsilon_figure(results: dict[str, Any]) -> Figure | None:
     target = _target_epsilon(results)
     if target is not None:
         ax.axhline(target, color="0.3", linestyle="--", label=f"target ε = {target:g}")
+    released = _release_epsilon(results)
+    if released is not None:
+        accountant = str(_releases(results)[-1].get("epsilon_accountant") or "rdp").upper()
+        ax.axhline(released, label=f"after the warm start's releases ({accountant}): "
+                   f"{released:.3g}", **_LINE_STYLES["warm"])  # fmt: skip
     ax.set_title("Privacy budget spent")
     ax.set_xlabel("round")
     ax.set_ylabel("ε (cumulative)")
-    top = max([*rdp_y, *prv_y, target or 0.0])
+    top = max([*rdp_y, *prv_y, target or 0.0, released or 0.0])
     ax.set_ylim(0, 1.1 * top if top > 0 else 1.0)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")

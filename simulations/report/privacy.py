@@ -19,9 +19,13 @@ from simulations.report.results import (
     _epsilon_prv_series,
     _epsilon_rdp_series,
     _number,
+    _release_epsilon,
+    _releases,
     _rounds,
     _target_epsilon,
     _tracks_epsilon,
+    _warm_only,
+    _warm_start,
 )
 
 __all__: list[str] = []
@@ -93,6 +97,13 @@ def _privacy_facts(results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "charged": sum(1 for r in ledgers if r.get("released")),
         "finished": bool(final),
         "noise": header.get("noise"),
+        "releases": _releases(results),
+        "release_z": final.get(
+            "release_noise_multipliers", _warm_start(results).get("noise_multipliers")
+        ),
+        "release_epsilon": _release_epsilon(results),
+        "warm_share": _dict(_dict(results.get("config")).get("warm_start")).get("share"),
+        "warm_only": _warm_only(results),
     }
     participated = [_number(r.get("participated")) for r in ledgers]
     counts = [p for p in participated if p is not None]
@@ -106,10 +117,34 @@ def _privacy_facts(results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         facts["rdp"] = final.get("epsilon_rdp")
     elif prv:
         facts["spent"], facts["accountant"], facts["rdp"] = prv[-1], "PRV", rdp[-1] if rdp else None
-    else:  # a partial run: only the RDP claims so far
-        facts["spent"], facts["accountant"] = (rdp[-1] if rdp else None), "RDP, so far"
-        facts["rdp"] = rdp[-1] if rdp else None
+    elif rdp:  # a partial run: only the RDP claims so far
+        facts["spent"], facts["accountant"], facts["rdp"] = rdp[-1], "RDP, so far", rdp[-1]
+    elif facts["releases"]:  # a partial run: the warm start's releases, no round yet
+        last_release = facts["releases"][-1]
+        accountant = str(last_release.get("epsilon_accountant") or "rdp").upper()
+        facts["spent"], facts["accountant"] = facts["release_epsilon"], f"{accountant}, so far"
+        facts["rdp"] = last_release.get("epsilon_rdp")
+    else:
+        facts["spent"], facts["accountant"], facts["rdp"] = None, "RDP, so far", None
     return facts
+
+
+def _warm_sentence(facts: Mapping[str, Any]) -> str:
+    """What the warm start's releases spent before the rounds, for :func:`_why_below_target`."""
+    released, share = _number(facts["release_epsilon"]), _number(facts["warm_share"])
+    planned = "" if share is None else f", planned for warm_start.share = {share:g} of the target"
+    spent = "" if released is None else f" ε {released:.3f} ({_accountant(facts)})"
+    return (
+        f" The warm start's {len(facts['releases'])} releases spent{spent} before round 1"
+        f"{planned}; the rounds' z is calibrated on top of them, composed with the releases."
+    )
+
+
+def _accountant(facts: Mapping[str, Any]) -> str:
+    """The accountant of the epsilon after the releases (``RDP`` or ``PRV``)."""
+    releases = facts["releases"]
+    name = releases[-1].get("epsilon_accountant") if releases else None
+    return str(name or "rdp").upper()
 
 
 def _why_below_target(facts: Mapping[str, Any]) -> str | None:
@@ -122,6 +157,15 @@ def _why_below_target(facts: Mapping[str, Any]) -> str | None:
             f"The run spent more than its target (ε {spent:.3f} > {target:g}): a round had "
             "fewer participants than the calibration planned for, so it carried less noise."
         )
+    if facts["warm_only"]:
+        share = _number(facts["warm_share"])
+        budget = "the target" if share is None else f"{share:g} × the target"
+        return (
+            "Why less than the target is spent: the run is the warm start alone, and z of its "
+            "releases is the smallest noise multiplier (within 1%) whose ε after all of them "
+            f"stays at or below {budget}."
+        )
+    suffix = _warm_sentence(facts) if facts["releases"] else ""
     if facts["mode"] == "client":
         n, q = _number(facts["population"]), _number(facts["sample_rate"])
         quantile = _number(facts["quantile"])
@@ -138,12 +182,12 @@ def _why_below_target(facts: Mapping[str, Any]) -> str | None:
             f"{quantile:.1%} quantile of Binomial(N, q)), and scales z up by 1/√(k/m) = "
             f"{1 / factor:.3f}; rounds with more participants{seen} carry more noise than that "
             "floor and cost less, and z is rounded up within 1%."
-        )
+        ) + suffix
     return (
         "Why less than the target is spent: z is the smallest noise multiplier (within 1%) whose "
         "ε after all rounds stays at or below the target, and every round is charged the plan's "
         "bound (the smallest silo's sample rate, the largest silo's step count)."
-    )
+    ) + suffix
 
 
 def _privacy_section(results: dict[str, Any], run_dir: Path) -> str:
@@ -174,6 +218,7 @@ def _privacy_section(results: dict[str, Any], run_dir: Path) -> str:
     if spent is not None and target:
         spent_text += f", {spent / target:.0%} of the target"
     z_eff = facts["z_eff"]
+    warm_only = facts["warm_only"]
     encryption = _dict(_dict(results.get("config")).get("encryption")).get("enabled")
     encrypted: dict[Any, str] = {True: "on (CKKS, one key shared by the devices)", False: "off"}
     rows = [
@@ -184,29 +229,43 @@ def _privacy_section(results: dict[str, Any], run_dir: Path) -> str:
         ("ε spent", spent_text),
         ("ε RDP (cross-check)", _fmt(_number(facts["rdp"]), 3)),
         ("δ", _fmt_general(facts["delta"])),
-        ("noise multiplier z", _fmt_general(facts["noise_multiplier"])),
-        (
-            "effective z per round",
-            MISSING if z_eff is None else f"{z_eff[0]:.4g} – {z_eff[1]:.4g}",
-        ),
-        ("clip C", _fmt_general(facts["clip"])),
-        ("sample rate q", _fmt_general(facts["sample_rate"])),
     ]
-    if mode == "example":
-        rows.append(("DP-SGD steps per round", _fmt(facts["steps_per_round"])))
+    releases = facts["releases"]
+    if releases:
+        rows.append(("warm-start releases", _releases_text(facts)))
+    if warm_only:  # no round: the per-round parameters were never used
+        rows.append(("clip C", _fmt_general(facts["clip"])))
     else:
-        rows.append(("expected participants m = qN", _fmt_general(facts["expected"])))
-        rows.append(("mean participants per round", _fmt(_number(facts["mean_participated"]), 1)))
+        rows += [
+            ("noise multiplier z", _fmt_general(facts["noise_multiplier"])),
+            (
+                "effective z per round",
+                MISSING if z_eff is None else f"{z_eff[0]:.4g} – {z_eff[1]:.4g}",
+            ),
+            ("clip C", _fmt_general(facts["clip"])),
+            ("sample rate q", _fmt_general(facts["sample_rate"])),
+        ]
+        if mode == "example":
+            rows.append(("DP-SGD steps per round", _fmt(facts["steps_per_round"])))
+        else:
+            rows.append(("expected participants m = qN", _fmt_general(facts["expected"])))
+            mean = _fmt(_number(facts["mean_participated"]), 1)
+            rows.append(("mean participants per round", mean))
     population = facts["population"]
     rows.append(("population N", MISSING if population is None else f"{_fmt(population)} {unit}"))
     planned = facts["planned_rounds"]
     rows.append(
         (
             "rounds",
-            f"{facts['rounds']:,} of {_fmt(planned)} ({facts['charged']:,} charged)",
+            "none: warm start only"
+            if warm_only
+            else f"{facts['rounds']:,} of {_fmt(planned)} ({facts['charged']:,} charged)",
         )
     )
-    if mode == "client" and target is not None:
+    if releases:
+        composed = f"{len(releases):,} releases + {facts['charged']:,} rounds"
+        rows.append(("composition", composed + (" (warm start only)" if warm_only else "")))
+    if mode == "client" and target is not None and not warm_only:
         quantile = _number(facts["quantile"])
         planned_q = MISSING if quantile is None else f"{quantile:.1%} of Binomial(N, q)"
         rows.append(("calibrated for participation quantile", planned_q))
@@ -223,6 +282,31 @@ def _privacy_section(results: dict[str, Any], run_dir: Path) -> str:
     explanation = "" if why is None else f'<p class="note" id="why-below-target">{_e(why)}</p>'
     return (
         f'<section id="privacy" class="box"><h2>Privacy</h2>{table}{verdict}{explanation}</section>'
+    )
+
+
+_RELEASE_NAMES = {"popularity": "popularity", "cooccurrence": "co-occurrence"}
+
+
+def _releases_text(facts: Mapping[str, Any]) -> str:
+    """The warm start's releases in one cell: names, who took part, z and epsilon after them."""
+    releases = facts["releases"]
+    names = ", ".join(
+        _RELEASE_NAMES.get(str(r.get("release")), str(r.get("release"))) for r in releases
+    )
+    counts = {_number(r.get("participated")) for r in releases}
+    population = _number(facts["population"])
+    if len(counts) == 1 and population is not None and counts == {population}:
+        clients = f"all {_fmt(int(population))}"
+    else:
+        clients = "/".join(_fmt(r.get("participated")) for r in releases)
+    zs = _dict(facts["release_z"])
+    z = " / ".join(f"{v:.4g}" for v in (_number(x) for x in zs.values()) if v is not None)
+    released = _number(facts["release_epsilon"])
+    return (
+        f"{len(releases)} ({names}): sample rate 1, {clients} clients"
+        + (f", z {z}" if z else "")
+        + ("" if released is None else f", ε {released:.3f} ({_accountant(facts)}) after them")
     )
 
 

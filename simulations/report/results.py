@@ -103,6 +103,34 @@ def _series(results: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+def _warm_start(results: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``warm_start`` summary (:mod:`common.warmstart`); empty without a warm start."""
+    return _dict(results.get("warm_start"))
+
+
+def _releases(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The warm start's ledger release records (popularity, then co-occurrence), if any."""
+    releases = _warm_start(results).get("releases")
+    return [r for r in releases if isinstance(r, dict)] if isinstance(releases, list) else []
+
+
+def _planned_rounds(results: dict[str, Any]) -> int | None:
+    """The rounds the config planned (``None`` if it does not say)."""
+    planned = _number(_dict(results.get("config")).get("rounds"))
+    return None if planned is None else int(planned)
+
+
+def _warm_only(results: dict[str, Any]) -> bool:
+    """Whether the run is a warm start alone: a warm start and no training round planned."""
+    return bool(_warm_start(results)) and _planned_rounds(results) == 0 and not _rounds(results)
+
+
+def _release_epsilon(results: dict[str, Any]) -> float | None:
+    """Epsilon after the warm start's last release (before any round), if recorded."""
+    releases = _releases(results)
+    return _number(releases[-1].get("epsilon")) if releases else None
+
+
 def _final_test(results: dict[str, Any]) -> dict[str, Any]:
     """Final test metrics; empty for a partial run that has not reached the end."""
     return _dict(_dict(results.get("final")).get("test"))
@@ -121,11 +149,17 @@ _MODEL_NAMES = {"multvae": "Mult-VAE", "multdae": "Mult-DAE"}
 
 
 def _comparison(results: dict[str, Any]) -> list[_Model]:
-    """Federated first, then popularity, EASE and the centralized reference, where recorded."""
+    """Federated first, then the warm start alone (a run with rounds after one), popularity,
+    EASE and the centralized reference, where recorded."""
     config = _dict(results.get("config"))
     kind = _dict(config.get("model")).get("kind")
     label = f"federated {_MODEL_NAMES.get(str(kind), kind)}" if kind else "federated"
+    warm = _warm_start(results)
+    if _warm_only(results):
+        label += ", warm start only (0 rounds)"
     models = [_Model("federated", label, _final_test(results))]
+    if warm and not _warm_only(results):
+        models.append(_Model("warm", "warm start only (before round 1)", _dict(warm.get("test"))))
     baselines = _dict(results.get("baselines"))
     for key, default in (("popularity", "popularity"), ("ease", "EASE")):
         entry = _dict(baselines.get(key))

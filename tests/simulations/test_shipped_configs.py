@@ -65,13 +65,33 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthesize(1200, 400, seed=5, out_dir=tmp_path_factory.mktemp("synth"))
 
 
-def _variant(path: Path, privacy: str, ml100k: str, synthetic: Path) -> RunConfig:
+def _warm_alone(path: Path) -> bool:
+    """Whether ``path`` ships the warm start alone (``rounds = 0``, ``warm_start.share = 1``)."""
+    cfg = load_run_config(path, [])
+    return cfg.warm_start.enabled and cfg.rounds == 0
+
+
+WARM_ALONE = [path for path in CONFIGS if _warm_alone(path)]
+"""The configs that run the DP warm start alone."""
+
+
+def _variant(
+    path: Path, privacy: str, ml100k: str, synthetic: Path, *, rounds: int = ROUNDS
+) -> RunConfig:
     """``path``'s config for a short test: privacy ``off`` or ``on`` (its own DP mode, else
-    client-level DP), ``ROUNDS`` rounds, no encryption, z = 1 instead of a calibration."""
-    sets = [f"rounds={ROUNDS}", f"eval_every={ROUNDS}", "reference=false"]
+    client-level DP), ``rounds`` rounds, no encryption, z = 1 instead of a calibration.
+
+    A warm start alone (``rounds = 0``) gets ``ROUNDS`` fine-tuning rounds on half the budget
+    (``warm_start.share = 0.5``), its model and client settings trained from the warm start;
+    with ``rounds = 0`` it runs as shipped. A warm start keeps its target epsilon (the
+    releases are calibrated for it), so z is then calibrated too.
+    """
+    sets = [f"rounds={rounds}", f"eval_every={max(rounds, 1)}", "reference=false"]
     sets.append("encryption.enabled=false")
     if path == DEPLOY_LOCAL:
         sets.append("data.n_silos=2")  # `fedrec deploy local --clients 2`, where it diverged
+    if rounds > 0 and _warm_alone(path):
+        sets.append("warm_start.share=0.5")
     cfg = load_run_config(path, sets)
     if cfg.data.partition is Partition.PER_USER:
         cfg = replace(cfg, simulation=replace(cfg.simulation, max_clients=PER_USER_CLIENTS))
@@ -82,6 +102,8 @@ def _variant(path: Path, privacy: str, ml100k: str, synthetic: Path) -> RunConfi
         cfg = replace(cfg, data=data, server=server)
     if privacy == "off":
         return replace(cfg, privacy=replace(cfg.privacy, mode=PrivacyMode.OFF))
+    if cfg.warm_start.enabled:
+        return cfg  # its own client-level DP at its target epsilon
     mode = cfg.privacy.mode if cfg.privacy.mode is not PrivacyMode.OFF else PrivacyMode.CLIENT
     dp = replace(cfg.privacy, mode=mode, noise_multiplier=1.0, target_epsilon=None)
     return replace(cfg, privacy=dp)
@@ -189,11 +211,42 @@ def test_a_shipped_config_trains_without_a_nonfinite_loss(
     assert final["ndcg@100"] > 0
 
 
+@pytest.mark.parametrize("path", WARM_ALONE, ids=[_id(p) for p in WARM_ALONE])
+def test_a_shipped_warm_start_alone_runs_as_shipped_within_its_target(
+    path: Path, ml100k: str, synthetic: Path, tmp_path: Path
+) -> None:
+    # Prepare: the config as shipped (rounds 0), without encryption, on its first clients
+    cfg = _variant(path, "on", ml100k, synthetic, rounds=0)
+    assert cfg.rounds == 0 and cfg.warm_start.share == 1.0
+    assert cfg.privacy.mode is PrivacyMode.CLIENT and cfg.privacy.target_epsilon is not None
+    assert cfg.data.client_holdout_fraction == 0.0  # no local evaluation without rounds
+    write_run_folder(cfg, tmp_path)
+
+    # Execute
+    result = run_inprocess(cfg, tmp_path, engine=ClientEngine.EXACT)
+
+    # Assert: no round, the warm-started model is the run's, both releases within the target
+    assert result.rounds == []
+    final = result.final["test"]
+    assert all(math.isfinite(v) for v in final.values()), final
+    assert final["ndcg@100"] > 0
+    privacy = result.final["privacy"]
+    target = cfg.privacy.target_epsilon
+    assert 0.97 * target <= privacy["epsilon"] <= target
+    zs = privacy["release_noise_multipliers"]
+    assert list(zs) == ["popularity", "cooccurrence"]
+    p = cfg.warm_start.popularity_share
+    assert zs["popularity"] / zs["cooccurrence"] == pytest.approx(math.sqrt((1 - p) / p))
+    equivalent = 1 / math.sqrt(sum(1 / z**2 for z in zs.values()))
+    assert privacy["noise_multiplier"] == pytest.approx(equivalent)
+
+
 def test_every_shipped_config_is_covered() -> None:
     names = {p.name for p in CONFIGS}
 
     assert DEPLOY_LOCAL.is_file() and {"local.toml", "ml100k.toml"} <= names
     assert names >= SLOW  # a renamed config would silently lose its slow mark
+    assert "ml100k.toml" in {p.name for p in WARM_ALONE}  # `make demo`: the warm start alone
 
 
 def test_plain_sgd_at_the_dpsgd_learning_rate_needs_its_gradient_clipped(

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from common.data import synthesize
 from common.errors import ConfigError
@@ -34,6 +36,8 @@ from simulations.runner import prepare_run
         ("model.kind=transformer", "model: kind must be one of ['multvae', 'multdae']"),
         ("data.n_heldout_users=0", "data: n_heldout_users must be >= 1, got 0"),
         ("data.dataset=''", "data: dataset must name ml-100k or a data file or folder"),
+        ("data.client_holdout_fraction=1", "client_holdout_fraction must be in [0, 1)"),
+        ("data.client_holdout_fraction=-0.1", "client_holdout_fraction must be in [0, 1)"),
         ("client.max_grad_norm=0", "client: max_grad_norm must be a finite number > 0"),
         ("server.tau=0", "server: tau must be a finite number > 0"),
         ("simulation.num_cpus_per_client=0", "num_cpus_per_client must be a finite number > 0"),
@@ -51,6 +55,19 @@ def test_a_bad_value_is_refused_when_the_config_is_read(item: str, needle: str) 
     assert message.startswith(f"--set {item}: "), message  # names the override
     assert needle in message
     assert "\n" not in message
+
+
+def test_no_client_holdout_is_accepted_and_holds_nothing_out() -> None:
+    from client.local import split_local
+
+    cfg = load_run_config(None, ["data.client_holdout_fraction=0"])
+    assert cfg.data.client_holdout_fraction == 0.0
+    rows = sp.csr_matrix(np.ones((3, 12), dtype=np.float32))
+
+    local = split_local(rows, fraction=cfg.data.client_holdout_fraction, seed=0)
+
+    assert local.holdout.nnz == 0 and (local.train != rows).nnz == 0  # every item trains
+    assert split_local(rows, fraction=0.25, seed=0).holdout.nnz == 3 * 3  # 0.25 of 12 each
 
 
 def test_a_bad_value_in_a_file_names_the_file_and_line(tmp_path: Path) -> None:
