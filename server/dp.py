@@ -89,7 +89,16 @@ class _DPLayer:
         """``privacy`` with the round's participants and the aggregator-view epsilon (client
         level, when the contributors are known)."""
         contributors = result.stats.contributors
-        if self.aggregator is None or len(contributors) != privacy.participated:
+        if self.aggregator is None:
+            return privacy
+        if len(contributors) != privacy.participated:
+            logger.warning(
+                "round %d: %d of %d contributors are known nodes: no participant list, the "
+                "aggregator-view epsilon is not charged (the audit will flag the line)",
+                privacy.round,
+                len(contributors),
+                privacy.participated,
+            )
             return privacy
         return charge_aggregator(
             self.aggregator, privacy, participants=contributors, encrypted=self.encrypted

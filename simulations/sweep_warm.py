@@ -8,7 +8,8 @@ points and baselines are scored on the same held-out test users:
   ``rounds = 0``), user-level DP, delta 1/N^1.1;
 - ``inf``: the same warm start without noise (DP off);
 - the federated Mult-VAE without DP and without warm start (``--federated-rounds`` rounds of the
-  config's training), the non-private federated reference;
+  config's training from the seed's random initialisation), the non-private federated
+  reference;
 - popularity and EASE on the same split (:func:`simulations.baselines.baselines_on_split`).
 
 Writes ``OUT/sweep.json``, ``OUT/sweep.md`` (the table) and ``OUT/privacy_utility.png``::
@@ -138,7 +139,12 @@ def run_dataset_sweep(
                 config,
                 run_dir,
                 out / name / "federated-no-dp",
-                [*sets, "privacy.mode=off", f"rounds={federated_rounds}"],
+                [
+                    *sets,
+                    "privacy.mode=off",
+                    "warm_start.enabled=false",
+                    f"rounds={federated_rounds}",
+                ],
             )
             progress.advance(task)
             results["datasets"][name] = entry

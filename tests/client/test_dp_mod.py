@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from flwr.app import (
 from client.app import _noise_seed
 from client.dp_mod import SeededNoiseRefusedError, make_client_dp_mod, seeded_noise_rng
 from client.store import device_mod
-from common.privacy import client_epsilon_after
+from common.privacy import gaussian_epsilon
+from common.protocol import HE_FINGERPRINT
 from common.run.config import load_run_config
 from common.run.info import run_info_config
 
@@ -81,19 +83,58 @@ def test_noise_share_has_the_announced_std() -> None:
 
 
 def test_client_refuses_past_its_budget_without_training() -> None:
-    eps_round_5 = client_epsilon_after(
-        server_round=5, noise_multiplier=1.0, sample_rate=0.1, delta=1e-4
-    )
-    mod = make_client_dp_mod(lambda ctx: eps_round_5 * 0.99)
+    # plaintext: the aggregator sees this client's own share, z / sqrt(m) = 1 / 2, so each round
+    # it takes part in adds 1 / z^2 = 4 to its mu^2; a budget between 4 and 5 rounds' epsilon
+    eps_4, eps_5 = (gaussian_epsilon(math.sqrt(4.0 * k), 1e-4) for k in (4, 5))
+    mod = make_client_dp_mod(lambda ctx: (eps_4 + eps_5) / 2)
     call_next, calls = _plain_train([1.0, 1.0], weight=1.0)
-    reply = mod(_instruction(noise_std=0.0, server_round=5), _context(), call_next)
-    assert calls == []
+    context = _context()
+    for server_round in range(1, 5):
+        reply = mod(_instruction(noise_std=0.0, server_round=server_round), context, call_next)
+        assert "refused" not in reply.content.metric_records["metrics"]
+    assert len(calls) == 4
+    assert context.state.config_records["fedrec-dp"]["inverse_variance"] == pytest.approx(16.0)
+    reply = mod(_instruction(noise_std=0.0, server_round=5), context, call_next)
+    assert len(calls) == 4  # refused without training
     metrics = reply.content.metric_records["metrics"]
     assert metrics["refused"] == 1
+    assert metrics["epsilon-if-trained"] == pytest.approx(eps_5)
     assert "arrays" not in reply.content.array_records
-    # one round earlier the same budget still allows training
-    reply = mod(_instruction(noise_std=0.0, server_round=4), _context(), call_next)
+    # a refusal is not charged: the state still holds four participations
+    assert context.state.config_records["fedrec-dp"]["inverse_variance"] == pytest.approx(16.0)
+
+
+def test_the_guard_counts_only_the_rounds_this_client_took_part_in() -> None:
+    # the round number does not matter (no amplification, no count of unseen rounds): a fresh
+    # client at round 50 is charged its first participation only
+    eps_1 = gaussian_epsilon(2.0, 1e-4)
+    mod = make_client_dp_mod(lambda ctx: eps_1 * 1.01)
+    call_next, calls = _plain_train([1.0, 1.0], weight=1.0)
+    context = _context()
+    reply = mod(_instruction(noise_std=0.0, server_round=50), context, call_next)
     assert len(calls) == 1 and "refused" not in reply.content.metric_records["metrics"]
+    reply = mod(_instruction(noise_std=0.0, server_round=51), context, call_next)
+    assert len(calls) == 1 and reply.content.metric_records["metrics"]["refused"] == 1
+
+
+def test_an_encrypted_run_is_guarded_with_the_announced_floor_z() -> None:
+    # with the HE fingerprint the aggregator sees only the decrypted sum: z_floor = 1.0 (the
+    # accounting z, here the configured one), 1 / z^2 = 1 per round instead of 4
+    eps = [gaussian_epsilon(math.sqrt(k), 1e-4) for k in (1, 2, 3, 4, 5)]
+    mod = make_client_dp_mod(lambda ctx: (eps[3] + eps[4]) / 2)
+    call_next, calls = _plain_train([1.0, 1.0], weight=1.0)
+    context = _context()
+    for server_round in range(1, 6):
+        msg = _instruction(noise_std=0.0, server_round=server_round)
+        msg.content.config_records["config"][HE_FINGERPRINT] = "abc"
+        reply = mod(msg, context, call_next)
+    assert len(calls) == 4
+    assert reply.content.metric_records["metrics"]["epsilon-if-trained"] == pytest.approx(eps[4])
+    # the same budget in plaintext allows one round only (mu^2 = 4 per round)
+    plain = _context()
+    for server_round in (1, 2):
+        reply = mod(_instruction(noise_std=0.0, server_round=server_round), plain, call_next)
+    assert len(calls) == 5 and reply.content.metric_records["metrics"]["refused"] == 1
 
 
 def test_without_dp_config_the_mod_is_transparent() -> None:
@@ -130,6 +171,24 @@ def test_noise_seed_draws_a_simulated_clients_noise_from_round_and_client() -> N
         _instruction(noise_std=2.0, server_round=3), _context(**{"partition-id": 6}), call_next
     )
     assert not np.array_equal(other.content.array_records["arrays"].to_numpy_ndarrays()[0], outs[0])
+
+
+def test_a_release_draws_seeded_noise_apart_from_the_training_rounds() -> None:
+    mod = make_client_dp_mod(lambda ctx: None, lambda ctx: 11)
+    outs = {}
+    for server_round, release in ((1, None), (1, "popularity"), (2, "cooccurrence")):
+        msg = _instruction(noise_std=2.0, server_round=server_round)
+        if release is not None:
+            msg.content.config_records["config"]["release"] = release
+        call_next, _ = _plain_train([0.0, 0.0], weight=1.0)
+        reply = mod(msg, _context(**{"partition-id": 5}), call_next)
+        outs[release] = reply.content.array_records["arrays"].to_numpy_ndarrays()[0]
+
+    # release 1 has its own stream, not round 1's; release 2 another one
+    rng = seeded_noise_rng(11, server_round=1, client_id=5, release=True)
+    np.testing.assert_allclose(outs["popularity"], rng.normal(0.0, 2.0, size=2) / 4.0, rtol=1e-6)
+    assert not np.array_equal(outs["popularity"], outs[None])
+    assert not np.array_equal(outs["popularity"], outs["cooccurrence"])
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ Tiny synthetic populations keep each run to about 20-30 s on two cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -188,13 +189,13 @@ def test_partition_rows_cover_training_users(tmp_path: Path, synth_csv: Path) ->
 
 
 def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: Path) -> None:
-    from common.privacy import client_epsilon_after, default_delta
+    from common.privacy import default_delta, gaussian_epsilon
+    from common.privacy.ledger import read_ledger
+    from common.run.folder import n_clients_of
 
     cfg = _config(tmp_path / "tiny.toml", synth_csv)
     run_dir = tmp_path / "run"
-    # A client budget between the epsilon after round 2 and after round 3: every client
-    # trains in rounds 1-2 and refuses round 3.
-    z, q = 1.0, 0.5  # the tiny config's sample rate
+    z = 1.0
     sets = [
         "rounds=3",
         "privacy.mode=client",
@@ -209,22 +210,20 @@ def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: 
         timeout=300,
     )
     assert first.returncode == 0, first.stderr[-2000:]
-    from common.privacy import participation_factor
-    from common.run.folder import n_clients_of
-
     population = n_clients_of(run_dir)
     delta = default_delta(population)
-    # clients guard their budget with the z planned for a low participant count
-    z_guard = z * participation_factor(population=population, sample_rate=q, quantile=0.025)
-    eps2 = client_epsilon_after(
-        server_round=2, noise_multiplier=z_guard, sample_rate=q, delta=delta
-    )
-    eps3 = client_epsilon_after(
-        server_round=3, noise_multiplier=z_guard, sample_rate=q, delta=delta
-    )
     rounds = _rounds(run_dir)
     assert [r["epsilon"] > 0 for r in rounds] == [True, True, True]
     assert rounds[0]["epsilon"] < rounds[1]["epsilon"] < rounds[2]["epsilon_rdp"] + 1e-9
+    # every round line lists who took part and the aggregator-view epsilon, which only grows
+    lines = [r for r in read_ledger(run_dir / "ledger.jsonl") if r["type"] == "round"]
+    for line in lines:
+        assert len(line["participants"]) == line["participated"]
+        assert line["participants"] == sorted(set(line["participants"]))
+    eps_aggregator = [line["epsilon_aggregator"] for line in lines]
+    assert 0 < eps_aggregator[0] <= eps_aggregator[1] <= eps_aggregator[2]
+    final = json.loads((run_dir / "results.json").read_text())["final"]["privacy"]
+    assert final["epsilon_aggregator"] == eps_aggregator[2]
     audit = subprocess.run(
         [*FEDREC, "audit", "verify", str(run_dir), "--json"],
         capture_output=True,
@@ -236,15 +235,19 @@ def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: 
 
     # tamper: edit one number in the middle of the ledger -> the auditor fails it
     ledger = run_dir / "ledger.jsonl"
-    lines = ledger.read_text().splitlines()
-    lines[2] = lines[2].replace('"participated":', '"participated":1', 1)
-    ledger.write_text("\n".join(lines) + "\n")
+    text = ledger.read_text().splitlines()
+    text[2] = text[2].replace('"participated":', '"participated":1', 1)
+    ledger.write_text("\n".join(text) + "\n")
     tampered = subprocess.run(
         [*FEDREC, "audit", "verify", str(run_dir)], capture_output=True, text=True, timeout=120
     )
     assert tampered.returncode == 1
 
-    # a client budget between round 2's and round 3's epsilon: round 3 is refused by all
+    # The clients guard their budget against the aggregator, which knows who took part (no
+    # amplification): unencrypted it sees each client's own share z / sqrt(m). At q = 1 (m = N)
+    # every client takes part in every round, each adding N / z^2 to its mu^2. A budget between
+    # two and three rounds' epsilon: every client trains in rounds 1-2 and refuses round 3.
+    eps2, eps3 = (gaussian_epsilon(math.sqrt(k * population) / z, delta) for k in (2, 3))
     budget = (eps2 + eps3) / 2
     run2 = tmp_path / "run2"
     again = subprocess.run(
@@ -257,6 +260,8 @@ def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: 
             str(run2),
             "--set",
             f"privacy.client_budget={budget}",
+            "--set",
+            "server.sample_rate=1.0",
         ]
         + [x for s in sets for x in ("--set", s)],
         capture_output=True,
@@ -266,7 +271,15 @@ def test_dp_run_writes_a_ledger_the_auditor_verifies(tmp_path: Path, synth_csv: 
     assert again.returncode == 0, again.stderr[-2000:]
     r1, r2, r3 = _rounds(run2)
     assert r1["refused"] == 0 and r2["refused"] == 0
-    assert r3["refused"] == r3["sampled"] > 0 and r3["returned"] == 0 and not r3["applied"]
+    assert r1["returned"] == r2["returned"] == population
+    assert r3["refused"] == r3["sampled"] == population and r3["returned"] == 0
+    assert not r3["applied"]
+    # the ledger agrees: everybody in rounds 1-2, nobody in round 3, the worst client at 2N
+    l1, l2, l3 = (r for r in read_ledger(run2 / "ledger.jsonl") if r["type"] == "round")
+    assert l1["participants"] == l2["participants"] == list(range(population))
+    assert l3["participants"] == [] and not l3["released"]
+    assert l2["epsilon_aggregator"] == pytest.approx(eps2, rel=1e-6)
+    assert l3["epsilon_aggregator"] == l2["epsilon_aggregator"]
 
 
 def test_example_level_dp_silos_run_dpsgd_and_the_ledger_verifies(
