@@ -237,12 +237,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise FedrecError(f"privacy: {err}") from None
     if plan is not None:
-        note(
-            f"{plan.mode.value}-level DP: clip {plan.clip}, "
-            f"noise multiplier {plan.noise_multiplier:.4g}, "
-            f"q {plan.sample_rate:.4g} x {plan.steps_per_round} steps/round, delta {plan.delta:.3g}"
-            + (f", target epsilon {plan.target_epsilon}" if plan.target_epsilon else "")
-        )
+        target_text = f", target epsilon {plan.target_epsilon}" if plan.target_epsilon else ""
+        if plan.release_noise_multipliers:
+            zs = " and ".join(f"{z:.4g}" for z in plan.release_noise_multipliers)
+            note(
+                f"warm start: 2 releases from every client (popularity, co-occurrence), clip 1, "
+                f"noise multipliers {zs}, delta {plan.delta:.3g}{target_text}"
+            )
+        if plan.rounds:
+            note(
+                f"{plan.mode.value}-level DP rounds: clip {plan.clip}, "
+                f"noise multiplier {plan.noise_multiplier:.4g}, "
+                f"q {plan.sample_rate:.4g} x {plan.steps_per_round} steps/round, "
+                f"delta {plan.delta:.3g}{target_text}"
+            )
         if cfg.privacy.noise_seed is not None:
             console.print(
                 f"[yellow]privacy.noise_seed = {cfg.privacy.noise_seed}: the DP noise is seeded, "
@@ -322,12 +330,23 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     privacy = results["final"].get("privacy")
     if privacy:
         target = cfg.privacy.target_epsilon
+        releases = privacy.get("release_noise_multipliers") or {}
+        mechanism = (
+            f"rounds: noise multiplier {privacy['noise_multiplier']:.4g}, clip "
+            f"{privacy['clip']:g}, q {privacy['sample_rate']:.4g}"
+            if cfg.rounds
+            else "no rounds"
+        )
+        if releases:
+            zs = " and ".join(f"{z:.4g}" for z in releases.values())
+            mechanism = f"warm start: noise multipliers {zs}, clip 1, q 1; {mechanism}"
+        aggregator = privacy.get("epsilon_aggregator")
         out.print(
             f"privacy: epsilon {privacy['epsilon']:.4g} (PRV; RDP {privacy['epsilon_rdp']:.4g})"
             + (f" of target {target:g}" if target is not None else "")
-            + f" at delta {privacy['delta']:.3g}, noise multiplier "
-            f"{privacy['noise_multiplier']:.4g}, clip {privacy['clip']:g}, "
-            f"q {privacy['sample_rate']:.4g}; ledger: {run_dir / 'ledger.jsonl'} "
+            + f" at delta {privacy['delta']:.3g}"
+            + ("" if aggregator is None else f"; against the aggregator {aggregator:.4g}")
+            + f"; {mechanism}; ledger: {run_dir / 'ledger.jsonl'} "
             f"(check it: fedrec audit verify {run_dir})"
         )
     out.print(f"wall time {outcome.wall_seconds:.1f} s; report: {report}")

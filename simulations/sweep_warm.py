@@ -20,7 +20,9 @@ Writes ``OUT/sweep.json``, ``OUT/sweep.md`` (the table) and ``OUT/privacy_utilit
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import logging
 import math
 import time
@@ -182,7 +184,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: Path) -> None:
     """One panel per data set: NDCG@100 against epsilon, references as horizontal lines."""
     datasets = results["datasets"]
-    fig = Figure(figsize=(4.2 * len(datasets), 3.6), dpi=120)
+    fig = Figure(figsize=(4.2 * len(datasets), 3.6), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     for i, (name, entry) in enumerate(datasets.items()):
         ax = fig.add_subplot(1, len(datasets), i + 1)
@@ -212,6 +214,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if "ease" in b:
             ax.axhline(b["ease"]["test"]["ndcg@100"], ls=":", color="tab:red", label="EASE")
         ax.set_xscale("log")
+        ticks = sorted({p["target_epsilon"] for p in finite})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("ε (PRV)")
         ax.set_ylabel("test NDCG@100")
         ax.set_title(name)
@@ -232,3 +237,32 @@ def print_table(results: dict[str, Any]) -> None:
     for line in text[2:]:
         table.add_row(*[c.strip() for c in line.strip("|").split("|")])
     Console().print(table)
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """Several sweeps' ``sweep.json`` as one (their data sets side by side, in order)."""
+    merged: dict[str, Any] = {"engine": "inprocess", "sets": [], "datasets": {}}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        merged["sets"] = sorted({*merged["sets"], *part.get("sets", [])})
+        merged["datasets"].update(part["datasets"])
+    return merged
+
+
+def main() -> None:
+    """``--merge A/sweep.json B/sweep.json --out DIR``: one table and one figure of sweeps run
+    separately (``python -m simulations.sweep_privacy --datasets ...`` runs them)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--merge", type=Path, nargs="+", required=True, metavar="SWEEP_JSON")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    results = merge(args.merge)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "sweep.json", results)
+    atomic_write_text(args.out / "sweep.md", markdown_table(results))
+    plot(results, args.out / "privacy_utility.png")
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
