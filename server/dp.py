@@ -110,6 +110,17 @@ class _DPLayer:
     def _released(self, result: TrainResult) -> MechanismStep:
         raise NotImplementedError
 
+    def _charge(self, server_round: int, config: ConfigRecord, result: TrainResult) -> PrivacyRound:
+        """Charge what the round released on the accountant (:func:`charge_round`)."""
+        return charge_round(
+            self.accountant,
+            self.plan,
+            server_round=server_round,
+            invited=result.stats.invited,
+            participated=result.stats.returned,
+            step=self._released(result),
+        )
+
     def train_round(
         self,
         grid: Grid,
@@ -126,15 +137,7 @@ class _DPLayer:
         """
         self._announce(config)
         result = self.inner.train_round(grid, server_round, arrays, config, timeout=timeout)
-        privacy = charge_round(
-            self.accountant,
-            self.plan,
-            server_round=server_round,
-            invited=result.stats.invited,
-            participated=result.stats.returned,
-            step=self._released(result),
-        )
-        privacy = self._with_aggregator(privacy, result)
+        privacy = self._with_aggregator(self._charge(server_round, config, result), result)
         return dataclasses.replace(result, privacy=privacy)
 
     def configure_evaluate(

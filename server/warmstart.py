@@ -51,7 +51,12 @@ from flwr.serverapp import Grid
 
 from common.model import ModelConfig
 from common.privacy import AggregatorView, DPPlan, PrivacyAccountant
-from common.privacy.rounds import charge_release, release_plan
+from common.privacy.rounds import (
+    PrivacyRound,
+    charge_release,
+    release_noise_multipliers,
+    release_plan,
+)
 from common.protocol import RELEASE_STATISTIC, RoundConfig
 from common.rounds import RoundRecord
 from common.run.config import RunConfig, Sampling, ServerOptimizer
@@ -107,32 +112,28 @@ class ReleaseDPStrategy(ClientDPStrategy):
         )
         self.run_plan = plan
 
-    def train_round(
-        self,
-        grid: Grid,
-        server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        *,
-        timeout: float,
-    ) -> TrainResult:
-        """Announce the release's mechanism, run the plain round, charge the release named in
-        ``config`` (:class:`common.protocol.RoundConfig` ``release``)."""
-        name = RoundConfig.read(config).release
-        if name is None:
-            raise ValueError("a release round's config must name its release")
-        self.plan = release_plan(self.run_plan, name)  # each release has its own z
-        self._announce(config)
-        result = self.inner.train_round(grid, server_round, arrays, config, timeout=timeout)
-        privacy = charge_release(
+    def _announce(self, config: ConfigRecord) -> None:
+        """Announce the mechanism of the release named in ``config`` (each has its own z)."""
+        self.plan = release_plan(self.run_plan, _release_name(config))
+        super()._announce(config)
+
+    def _charge(self, server_round: int, config: ConfigRecord, result: TrainResult) -> PrivacyRound:
+        """Charge the release named in ``config`` (:func:`charge_release`)."""
+        return charge_release(
             self.accountant,
             self.run_plan,
-            name=name,
+            name=_release_name(config),
             invited=result.stats.invited,
             participated=result.stats.returned,
         )
-        privacy = self._with_aggregator(privacy, result)
-        return dataclasses.replace(result, privacy=privacy)
+
+
+def _release_name(config: ConfigRecord) -> str:
+    """The release a config names (:class:`common.protocol.RoundConfig` ``release``)."""
+    name = RoundConfig.read(config).release
+    if name is None:
+        raise ValueError("a release round's config must name its release")
+    return name
 
 
 def release_strategy(
@@ -266,7 +267,7 @@ def run_warm_start(
     and the wall ``seconds`` of each step; an ``error`` when a release was not released.
     """
     strategy = release_strategy(cfg, nodes, plan, accountant, summer, aggregator)
-    z = {n: 0.0 if plan is None else release_plan(plan, n).noise_multiplier for n in RELEASES}
+    z = release_noise_multipliers(plan)
     scale = 1.0 if plan is None else float(plan.population)  # x N: count units
     releases: list[ReleaseOutcome] = []
 

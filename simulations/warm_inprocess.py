@@ -27,6 +27,7 @@ from common.privacy.rounds import (
     charge_aggregator,
     charge_release,
     check_release_participation,
+    release_noise_multipliers,
     release_plan,
 )
 from common.rounds import split_seed
@@ -35,7 +36,6 @@ from common.run.folder import EvalData, client_sizes, load_client_shard, n_clien
 from common.warmstart import (
     COOCCURRENCE,
     POPULARITY,
-    RELEASES,
     release_vocabulary,
     statistic,
     warm_start_from_sums,
@@ -151,7 +151,7 @@ def warm_start_inprocess(
 
     popularity = _released_sum(POPULARITY, cfg, run_dir, plan, None, rng, per_client, contributors)
     charge(POPULARITY)
-    z = {n: 0.0 if plan is None else release_plan(plan, n).noise_multiplier for n in RELEASES}
+    z = release_noise_multipliers(plan)
     vocab = release_vocabulary(popularity, noise_std=z[COOCCURRENCE], cfg=cfg.warm_start)
     upper = _released_sum(COOCCURRENCE, cfg, run_dir, plan, vocab, rng, per_client, contributors)
     charge(COOCCURRENCE)

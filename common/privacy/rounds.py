@@ -48,6 +48,7 @@ __all__ = [
     "example_round_step",
     "ledger_header",
     "privacy_summary",
+    "release_noise_multipliers",
     "release_plan",
     "resume_accountant",
     "resume_aggregator",
@@ -199,6 +200,14 @@ def charge_round(
         plan.delta,
     )
     return record
+
+
+def release_noise_multipliers(plan: DPPlan | None) -> dict[str, float]:
+    """Each warm-start release's z by name; 0 for each without DP (``plan`` ``None``), none
+    for a plan without a warm start."""
+    if plan is None:
+        return dict.fromkeys(RELEASE_NAMES, 0.0)
+    return dict(zip(RELEASE_NAMES, plan.release_noise_multipliers, strict=False))
 
 
 def release_plan(plan: DPPlan, name: str) -> DPPlan:
@@ -387,9 +396,7 @@ def privacy_summary(plan: DPPlan, last: Mapping[str, Any] | None) -> dict[str, A
         "clip": plan.clip,
         "sample_rate": plan.sample_rate,
         "steps_per_round": plan.steps_per_round,
-        "release_noise_multipliers": {
-            n: z for n, z in zip(RELEASE_NAMES, plan.release_noise_multipliers, strict=False)
-        },
+        "release_noise_multipliers": release_noise_multipliers(plan),
         "mode": plan.mode.value,
         "accountant": AccountantKind.PRV.value,
         "epsilon_aggregator": None if last is None else last.get("epsilon_aggregator"),

@@ -25,7 +25,6 @@ import pytest
 from scipy.stats import norm
 
 from common.config import parse
-from common.data import synthesize
 from common.privacy import (
     AccountantKind,
     AggregatorView,
@@ -458,34 +457,12 @@ def _rewrite(path: Path, records: list[dict[str, Any]], *, signer: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_warm_config: Callable[..., Path]) -> Path:
     """A tiny per-user client-level DP run config with a warm start (synthetic data), its
     noise (a target epsilon or a noise multiplier) set by each test."""
-    folder = tmp_path_factory.mktemp("tiny")
-    csv = synthesize(60, 40, seed=3, out_dir=folder)
-    path = folder / "tiny.toml"
-    lines = [
-        'name = "tiny aggregator view"',
-        "rounds = 2",
-        "eval_every = 2",
-        "reference = false",
-        "[data]",
-        f'dataset = "{csv}"',
-        "n_heldout_users = 8",
-        "[model]",
-        "dims = [16, 8]",
-        "[server]",
-        "sample_rate = 0.3",
-        "lr = 0.01",
-        "[privacy]",
-        'mode = "client"',
-        "[warm_start]",
-        "enabled = true",
-        "min_vocabulary = 5",
-        "max_vocabulary = 20",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return tiny_warm_config(
+        tmp_path_factory.mktemp("tiny"), name="tiny aggregator view", sample_rate=0.3
+    )
 
 
 def _inprocess(tiny: Path, run_dir: Path, sets: list[str] | None = None) -> Path:

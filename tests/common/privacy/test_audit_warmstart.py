@@ -460,36 +460,14 @@ def test_zero_rounds_lowered_prv_claim_fails(alone: Path, tmp_path: Path) -> Non
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_warm_config: Callable[..., Path]) -> Path:
     """A tiny per-user DP run config with a warm start (synthetic data)."""
-    from common.data import synthesize
-
-    folder = tmp_path_factory.mktemp("tiny")
-    csv = synthesize(60, 40, seed=3, out_dir=folder)
-    path = folder / "tiny.toml"
-    lines = [
-        'name = "tiny warm start"',
-        "rounds = 2",
-        "eval_every = 2",
-        "reference = false",
-        "[data]",
-        f'dataset = "{csv}"',
-        "n_heldout_users = 8",
-        "[model]",
-        "dims = [16, 8]",
-        "[server]",
-        "sample_rate = 0.5",
-        "lr = 0.01",
-        "[privacy]",
-        'mode = "client"',
-        "target_epsilon = 4.0",
-        "[warm_start]",
-        "enabled = true",
-        "min_vocabulary = 5",
-        "max_vocabulary = 20",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return tiny_warm_config(
+        tmp_path_factory.mktemp("tiny"),
+        name="tiny warm start",
+        sample_rate=0.5,
+        privacy=["target_epsilon = 4.0"],
+    )
 
 
 @pytest.mark.parametrize(
