@@ -4,9 +4,22 @@ One run encrypts ``--updates`` synthetic updates of ``--values`` float32 values 
 from ``N(0, 1e-3^2)``, the size of a DP-noised update scaled by ``1 / m``), adds them as the server
 does, decrypts the sum and compares it with the float64 plaintext sum. Rows:
 
-- ``fedrec``: :mod:`common.he.codec` with :attr:`ParamSet.FEDREC` (n=4096, one 52-bit data prime,
-  seeded symmetric-key ciphertexts);
-- ``fedrec, FLARE params``: the same codec with FLARE's parameters (shows what the
+- ``fedrec single-key``: :mod:`common.he.codec` with :attr:`ParamSet.FEDREC` (n=4096, one 52-bit
+  data prime, seeded symmetric-key ciphertexts; every device holds the one secret key);
+- ``fedrec threshold 2-of-3``: :mod:`common.he.threshold` with :attr:`ParamSet.THRESHOLD`
+  (n=8192, primes [60, 60, 60], scale 2^104): a collective key of 3 parties (no one holds the
+  secret), each party's secret Shamir-shared 2-of-3; public-key encryption under the collective
+  key (:func:`~common.he.codec.encrypt_update`), the server's add
+  (:func:`~common.he.codec.add_updates`), a partial decryption by each of the 2 committee members,
+  flooded as ``plan_flood(..., n_updates=updates, parties=3, members=2, max_decryptions=1024)``
+  says, and the combination (:func:`~common.he.codec.combine_sum`). Its "dec" column is the whole
+  decryption (both partial decryptions and the combination); two rows under it give one member's
+  partial decryption (time, and the bytes it sends) and the combination. Its errors are those of
+  the released values, flood included (the flood is part of every threshold decryption). The
+  caption gives key generation per party (``keygen_party`` and ``deal_shares``) and the flood.
+  Targets: ``<= 32`` bytes per value uploaded, ``<= 0.6`` microseconds per value for encryption
+  and for a partial decryption;
+- ``fedrec, FLARE params``: the single-key codec with FLARE's parameters (shows what the
   parameter choice alone buys);
 - ``FLARE default``: what NVIDIA FLARE does, TenSEAL ``CKKSVector`` with a public-key context,
   n=8192, primes [60, 40, 40], scale 2^40, ``serialize()``;
@@ -15,9 +28,10 @@ does, decrypts the sum and compares it with the float64 plaintext sum. Rows:
 Columns: client encrypt+serialize and server add (deserialize, check, add, serialize the sum) in
 CPU microseconds per value and update, decryption (deserialize, decrypt, decode) in microseconds per
 value of the sum, bytes per value on the wire, and the error of the decrypted sum against the
-float64 sum (before the committee's noise flooding, which is reported separately). Targets:
-``<= 32`` bytes and ``<= 0.5`` microseconds per value per core for encryption, ``1e-5``
-relative RMS error. Single-threaded::
+float64 sum (for the single-key rows before the committee's noise flooding, which is reported
+separately). Single-key targets: ``<= 32`` bytes and ``<= 0.5`` microseconds per value per core for
+encryption, ``1e-5`` relative RMS error. Bytes per value count the padding of the last chunk (a
+chunk holds n values). Single-threaded::
 
     python -m simulations.bench_he                  # 200,000 values x 10 updates
     python -m simulations.bench_he --values 20000   # a few seconds
@@ -27,11 +41,13 @@ relative RMS error. Single-threaded::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,10 +65,26 @@ from common.he import (
     generate_keys,
     layout_of,
 )
-from common.he.codec import _decrypt_flat  # raw decryption: measured here, never released
+from common.he import threshold as th
+from common.he.codec import (
+    _decrypt_flat,  # raw decryption: measured here, never released
+    combine_sum,
+)
+from common.he.keys import ServerKeys, fingerprint_of
 from common.io import atomic_write_json
 
-__all__ = ["BenchHEConfig", "SchemeResult", "main", "render", "run_bench", "to_json"]
+__all__ = [
+    "FEDREC_ROW",
+    "THRESHOLD_ROW",
+    "BenchHEConfig",
+    "BenchHEResult",
+    "SchemeResult",
+    "ThresholdResult",
+    "main",
+    "render",
+    "run_bench",
+    "to_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +96,22 @@ TARGET_ENCRYPT_US = 0.5
 """Largest acceptable client encrypt+serialize time, microseconds per value per core."""
 TARGET_RELATIVE_RMS = 1e-5
 """Largest acceptable RMS error of the decrypted sum relative to the sum's RMS."""
+TARGET_THRESHOLD_BYTES_PER_VALUE = 32.0
+"""Threshold row: largest acceptable upload (public-key ciphertext) bytes per value."""
+TARGET_THRESHOLD_US = 0.6
+"""Threshold row: largest acceptable encryption, and partial decryption per member, microseconds
+per value per core."""
+
+FEDREC_ROW = "fedrec single-key"
+"""Row of fedrec's single-key codec (the ratios are of this row)."""
+THRESHOLD_ROW = "fedrec threshold 2-of-3"
+"""Row of fedrec's threshold scheme."""
+THRESHOLD_PARTIES = 3
+"""Key holders of the threshold row, each one a party of the collective key."""
+THRESHOLD_T = 2
+"""Partial decryptions the threshold row's key needs."""
+THRESHOLD_MAX_DECRYPTIONS = 1024
+"""Decryptions over the key's life the threshold row's flood is sized for."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +158,36 @@ class SchemeResult:
     """``rms_error`` over the RMS of the float64 sum."""
 
 
+@dataclass(frozen=True)
+class ThresholdResult:
+    """Per-step costs of the threshold row (:data:`THRESHOLD_ROW`)."""
+
+    parties: int
+    """Parties of the collective key, each one a key holder."""
+    threshold: int
+    """Partial decryptions needed (the committee's size here)."""
+    keygen_ms: float
+    """One party's key generation, milliseconds: its secret and public share
+    (:func:`~common.he.threshold.keygen_party`) and the Shamir shares it deals."""
+    encrypt_us: float
+    """Client public-key encrypt + serialize, microseconds per value."""
+    add_us: float
+    """Server deserialize + check + add (+ serialize the sum), microseconds per value and update."""
+    partial_us: float
+    """One member's partial decryption (with its flood), microseconds per value of the sum; the
+    mean over the committee."""
+    combine_us: float
+    """Check the sum, combine the partial decryptions and decode, microseconds per value."""
+    upload_bytes_per_value: float
+    """Bytes a client uploads per value (one encrypted update)."""
+    partial_bytes_per_value: float
+    """Bytes one member sends per value (its partial decryption of the sum)."""
+    flood_bits: int
+    """``F`` of :func:`~common.he.threshold.plan_flood`: each member's flood is below ``2**F``."""
+    flood_value_std: float
+    """Standard deviation the committee's floods give a decoded value."""
+
+
 def _timed(fn: Callable[[], _T]) -> tuple[_T, float]:
     # CPU time of this process: "per core", and not inflated when other work shares the machine
     start = time.process_time()
@@ -148,6 +226,81 @@ def _fedrec_codec(
         *_errors(raw, reference),
     )
     return result, flood_std, _errors(released.astype(np.float64), reference)[1]
+
+
+def _threshold(
+    updates: list[np.ndarray], reference: np.ndarray, seed: int
+) -> tuple[SchemeResult, ThresholdResult]:
+    """Time the threshold scheme, 2-of-3 over a collective key of 3 parties, step by step."""
+    params = ParamSet.THRESHOLD.params
+    ring = th.ring_of(params)
+    holders = tuple(range(1, THRESHOLD_PARTIES + 1))
+    committee = holders[:THRESHOLD_T]
+    a = th.common_polynomial(ring, hashlib.sha256(f"fedrec-bench-he-{seed}".encode()).digest())
+
+    def party() -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        secret, share = th.keygen_party(ring, a)
+        return share, th.deal_shares(ring, secret, holders=holders, threshold=THRESHOLD_T)
+
+    parties, t_keygen = _timed(lambda: [party() for _ in holders])
+    public_key = th.collective_public_key(ring, a, [share for share, _ in parties])
+    context = th.public_context(params, public_key)
+    keys = ServerKeys(context=context, params=params, fingerprint=fingerprint_of(context))
+    shares = {
+        j: th.KeyShare(
+            index=j,
+            holders=holders,
+            threshold=THRESHOLD_T,
+            params=params,
+            fingerprint=keys.fingerprint,
+            residues=th.combine_shares(ring, [dealt[j] for _, dealt in parties]),
+        )
+        for j in holders
+    }
+    plan = th.plan_flood(
+        params,
+        n_updates=len(updates),
+        parties=THRESHOLD_PARTIES,
+        members=THRESHOLD_T,
+        max_decryptions=THRESHOLD_MAX_DECRYPTIONS,
+    )
+    n_values = updates[0].size
+    layout = layout_of({"delta": updates[0]})
+    encrypted, t_enc = _timed(lambda: [encrypt_update({"delta": u}, keys=keys) for u in updates])
+    total, t_add = _timed(lambda: add_updates(encrypted, keys=keys, expected_layout=layout))
+    partials: dict[int, list[bytes]] = {}
+    t_partial = 0.0
+    for j in committee:
+        partials[j], elapsed = _timed(
+            partial(shares[j].partial_decrypt, total.chunks, committee=committee, flood=plan.bits)
+        )
+        t_partial += elapsed
+    out, t_combine = _timed(
+        lambda: combine_sum(total, partials, keys=keys, threshold=THRESHOLD_T)["delta"]
+    )
+    n_total = n_values * len(updates)
+    row = SchemeResult(
+        THRESHOLD_ROW,
+        1e6 * t_enc / n_total,
+        encrypted[0].nbytes / n_values,
+        1e6 * t_add / n_total,
+        1e6 * (t_partial + t_combine) / n_values,
+        *_errors(out.astype(np.float64), reference),
+    )
+    steps = ThresholdResult(
+        parties=THRESHOLD_PARTIES,
+        threshold=THRESHOLD_T,
+        keygen_ms=1e3 * t_keygen / THRESHOLD_PARTIES,
+        encrypt_us=row.encrypt_us,
+        add_us=row.add_us,
+        partial_us=1e6 * t_partial / len(committee) / n_values,
+        combine_us=1e6 * t_combine / n_values,
+        upload_bytes_per_value=row.bytes_per_value,
+        partial_bytes_per_value=sum(len(c) for c in partials[committee[0]]) / n_values,
+        flood_bits=plan.bits,
+        flood_value_std=plan.value_std,
+    )
+    return row, steps
 
 
 def _flare_default(updates: list[np.ndarray], reference: np.ndarray) -> SchemeResult:
@@ -221,11 +374,14 @@ class BenchHEResult:
     config: BenchHEConfig
     """What was run."""
     rows: tuple[SchemeResult, ...]
-    """fedrec, fedrec codec with FLARE params, FLARE default, plaintext float32."""
+    """fedrec single-key, fedrec threshold, single-key codec with FLARE params, FLARE default,
+    plaintext float32."""
     flood_std: float
-    """Flooding noise std fedrec's committee adds for this many updates."""
+    """Flooding noise std fedrec's single-key committee adds for this many updates."""
     released_rms_error: float
-    """RMS error of fedrec's released (flooded, rounded) sum against the float64 sum."""
+    """RMS error of fedrec's single-key released (flooded, rounded) sum against the float64 sum."""
+    threshold: ThresholdResult
+    """Per-step costs of the threshold row."""
 
     def row(self, name: str) -> SchemeResult:
         """The row called ``name``."""
@@ -238,18 +394,20 @@ def run_bench(cfg: BenchHEConfig) -> BenchHEResult:
     updates = [rng.normal(0.0, cfg.std, cfg.values).astype(np.float32) for _ in range(cfg.updates)]
     reference = np.sum([u.astype(np.float64) for u in updates], axis=0)
     fedrec, flood_std, released = _fedrec_codec(
-        "fedrec", ParamSet.FEDREC, updates, reference, cfg.seed
+        FEDREC_ROW, ParamSet.FEDREC, updates, reference, cfg.seed
     )
+    threshold, steps = _threshold(updates, reference, cfg.seed)
     fedrec_flare, _, _ = _fedrec_codec(
         "fedrec, FLARE params", ParamSet.FLARE_DEFAULT, updates, reference, cfg.seed
     )
     rows = (
         fedrec,
+        threshold,
         fedrec_flare,
         _flare_default(updates, reference),
         _plaintext(updates, reference),
     )
-    return BenchHEResult(cfg, rows, flood_std, released)
+    return BenchHEResult(cfg, rows, flood_std, released, steps)
 
 
 _COLUMNS = (
@@ -264,22 +422,43 @@ _COLUMNS = (
 
 
 def render(result: BenchHEResult) -> Table:
-    """The rows, then the ratios fedrec / FLARE default and fedrec / plaintext."""
+    """The rows (the threshold row with its per-member partial decryption and combination under
+    it), then the ratios fedrec single-key / FLARE default and / plaintext."""
     cfg = result.config
+    steps = result.threshold
     table = Table(
         title=f"HE aggregation: {cfg.updates} updates x {cfg.values:,} values "
         f"~ N(0, {cfg.std:g}^2), CPU time, 1 thread",
-        caption=f"fedrec targets: <= {TARGET_BYTES_PER_VALUE:g} bytes/value, "
+        caption=f"fedrec single-key targets: <= {TARGET_BYTES_PER_VALUE:g} bytes/value, "
         f"<= {TARGET_ENCRYPT_US:g} us/value encrypt, <= {TARGET_RELATIVE_RMS:g} relative RMS. "
         f"Committee flood std {result.flood_std:.3g}: released RMS error "
-        f"{result.released_rms_error:.3g}.",
+        f"{result.released_rms_error:.3g}. "
+        f"Threshold ({steps.threshold}-of-{steps.parties}, n=8192) targets: "
+        f"<= {TARGET_THRESHOLD_BYTES_PER_VALUE:g} bytes/value upload, <= {TARGET_THRESHOLD_US:g} "
+        f"us/value encrypt and partial decryption; key generation {steps.keygen_ms:.1f} ms/party; "
+        f"flood 2^{steps.flood_bits} per member (value std {steps.flood_value_std:.3g}), "
+        "included in its errors.",
     )
     table.add_column("scheme")
     for header, _, _ in _COLUMNS:
         table.add_column(header, justify="right")
     for row in result.rows:
         table.add_row(row.name, *(fmt.format(getattr(row, key)) for _, key, fmt in _COLUMNS))
-    fedrec = result.row("fedrec")
+        if row.name == THRESHOLD_ROW:
+            blank = ["-"] * (len(_COLUMNS) - 4)
+            table.add_row(
+                "  partial decryption, per member",
+                "-",
+                f"{steps.partial_bytes_per_value:.2f}",
+                "-",
+                f"{steps.partial_us:.3f}",
+                *blank,
+                style="dim",
+            )
+            table.add_row(
+                "  combine", "-", "-", "-", f"{steps.combine_us:.3f}", *blank, style="dim"
+            )
+    fedrec = result.row(FEDREC_ROW)
     for other in ("FLARE default", "plaintext f32"):
         base = result.row(other)
         cells = []
@@ -292,7 +471,7 @@ def render(result: BenchHEResult) -> Table:
 
 def to_json(result: BenchHEResult) -> dict[str, Any]:
     """The result as a JSON-ready dict (``--json``)."""
-    fedrec = result.row("fedrec")
+    fedrec = result.row(FEDREC_ROW)
     ratios = {
         other: {
             key: (getattr(fedrec, key) / getattr(result.row(other), key))
@@ -308,6 +487,7 @@ def to_json(result: BenchHEResult) -> dict[str, Any]:
         "ratios_fedrec_over": ratios,
         "flood_std": result.flood_std,
         "released_rms_error": result.released_rms_error,
+        "threshold": asdict(result.threshold),
     }
 
 

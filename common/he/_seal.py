@@ -81,10 +81,13 @@ class SealTools:
         self.first_parms_id = self.seal_context.first_parms_id()
         self.encryptor: Any = None
         self.decryptor: Any = None
+        self.public_encryptor: Any = None
         if context.has_secret_key():
             secret = context.secret_key().data
             self.encryptor = sealapi.Encryptor(self.seal_context, secret)
             self.decryptor = sealapi.Decryptor(self.seal_context, secret)
+        elif context.has_public_key():  # a threshold scheme's collective public context
+            self.public_encryptor = sealapi.Encryptor(self.seal_context, context.public_key().data)
 
     def new_ciphertext(self) -> Any:
         """An empty SEAL ciphertext to load into."""

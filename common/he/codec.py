@@ -46,6 +46,7 @@ __all__ = [
     "SumAccumulator",
     "add_updates",
     "check_update",
+    "combine_sum",
     "decrypt_sum",
     "encrypt_update",
 ]
@@ -53,15 +54,20 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def encrypt_update(arrays: Mapping[str, np.ndarray], *, keys: ClientKeys) -> EncryptedUpdate:
-    """Encrypt a dict of float arrays (a model delta) into seeded CKKS ciphertexts.
+def encrypt_update(arrays: Mapping[str, np.ndarray], *, keys: ServerKeys) -> EncryptedUpdate:
+    """Encrypt a dict of float arrays (a model delta) into CKKS ciphertexts.
+
+    With a secret-key context (single-key mode) the ciphertexts are seeded symmetric-key ones;
+    with a public context (threshold mode, :mod:`common.he.threshold`) they are public-key
+    ciphertexts under the collective key, which cannot be seeded (32 bytes per value).
 
     Parameters
     ----------
     arrays:
         Named float tensors, e.g. ``{name: delta}`` of a model; their order is the layout.
     keys:
-        The device's secret-key context (:func:`common.he.keys.load_client_context`).
+        The device's secret-key context (:func:`common.he.keys.load_client_context`), or the
+        collective public context of a threshold key.
 
     Returns
     -------
@@ -74,11 +80,11 @@ def encrypt_update(arrays: Mapping[str, np.ndarray], *, keys: ClientKeys) -> Enc
     ValueError
         Naming ``arrays`` when it is empty, holds non-float tensors or a non-finite value, or a
         value beyond ``keys.params.max_abs_value`` (it would wrap around); naming ``keys`` when
-        they hold no secret key.
+        they hold neither a secret nor a public key.
     """
     tools = keys.seal
-    if tools.encryptor is None:
-        raise ValueError("keys must hold the secret key (client.ctx) to encrypt")
+    if tools.encryptor is None and tools.public_encryptor is None:
+        raise ValueError("keys must hold a secret key (client.ctx) or a public key to encrypt")
     params = keys.params
     layout = layout_of(arrays)
     flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays.values()])
@@ -98,7 +104,12 @@ def encrypt_update(arrays: Mapping[str, np.ndarray], *, keys: ClientKeys) -> Enc
     chunks = []
     for start in range(0, packed.size, params.slots):
         tools.encoder.encode(packed[start : start + params.slots].tolist(), params.scale, plain)
-        chunks.append(buf.save(tools.encryptor.encrypt_symmetric(plain)))
+        if tools.encryptor is not None:
+            chunks.append(buf.save(tools.encryptor.encrypt_symmetric(plain)))
+        else:
+            ciphertext = tools.new_ciphertext()
+            tools.public_encryptor.encrypt(plain, ciphertext)
+            chunks.append(buf.save(ciphertext))
     header = _header(keys, layout, PayloadKind.UPDATE)
     return EncryptedUpdate(header=header, chunks=tuple(chunks))
 
@@ -273,6 +284,57 @@ def decrypt_sum(
     return _unflatten(flat, total.header.layout)
 
 
+def combine_sum(
+    total: EncryptedSum,
+    partials: Mapping[int, Sequence[bytes]],
+    *,
+    keys: ServerKeys,
+    threshold: int,
+    expected_layout: Layout | None = None,
+) -> dict[str, np.ndarray]:
+    """The sum's tensors from ``threshold`` or more key holders' partial decryptions.
+
+    Threshold mode (:mod:`common.he.threshold`): each holder floods its own partial decryption
+    in the coefficient domain, so the combined values are released as they decode.
+
+    Parameters
+    ----------
+    total:
+        The encrypted sum the holders decrypted.
+    partials:
+        Holder index to its :meth:`common.he.threshold.KeyShare.partial_decrypt` output, all made
+        for this same committee.
+    keys:
+        The collective public context (its parameters and fingerprint are checked).
+    threshold:
+        Partial decryptions needed.
+
+    Raises
+    ------
+    CiphertextRejectedError
+        When the sum fails a check or decodes beyond ``max_abs_value`` (it wrapped around).
+    common.he.threshold.ThresholdError
+        With fewer than ``threshold`` partial decryptions, or a malformed one.
+    """
+    from common.he.threshold import combine
+
+    layout = expected_layout if expected_layout is not None else total.header.layout
+    _check_and_load(total, keys, layout, None)
+    flat = combine(keys.params, total.chunks, partials, threshold=threshold)[: layout.total]
+    _check_range(flat, keys.params)
+    return _unflatten(flat, layout)
+
+
+def _check_range(flat: np.ndarray, params: HEParams) -> None:
+    peak = float(np.abs(flat).max())
+    if not peak <= params.max_abs_value:
+        raise CiphertextRejectedError(
+            RejectReason.OVERFLOW,
+            f"decrypted sum reaches |value| = {peak:.4g} > {params.max_abs_value:.4g}: "
+            "it wrapped around the modulus (an update was out of range)",
+        )
+
+
 def _decrypt_flat(
     total: EncryptedSum, keys: ClientKeys, expected_layout: Layout | None = None
 ) -> np.ndarray:
@@ -289,13 +351,7 @@ def _decrypt_flat(
         slots = np.asarray(tools.encoder.decode_complex(plain), dtype=np.complex128)
         parts.append(slots.view(np.float64))  # (n,): real, imaginary, real, ...
     flat = np.concatenate(parts)[: layout.total]
-    peak = float(np.abs(flat).max())
-    if not peak <= keys.params.max_abs_value:
-        raise CiphertextRejectedError(
-            RejectReason.OVERFLOW,
-            f"decrypted sum reaches |value| = {peak:.4g} > {keys.params.max_abs_value:.4g}: "
-            "it wrapped around the modulus (an update was out of range)",
-        )
+    _check_range(flat, keys.params)
     return flat
 
 

@@ -209,6 +209,11 @@ class ParamSet(enum.StrEnum):
     """fedrec's set: ``n = 4096``, primes ``[52, 52]`` (104 of 109 bits allowed), scale ``2**38``.
     One 52-bit data prime: about 7.5 bytes per value; decryption error about
     ``5.3e-10 * sqrt(updates summed)`` (RMS); sums up to ``2**12`` in magnitude."""
+    THRESHOLD = "threshold"
+    """The threshold scheme's set (:mod:`common.he.threshold`): ``n = 8192``, primes
+    ``[60, 60, 60]`` (180 of 218 bits allowed), scale ``2**104``. Public-key ciphertexts at two
+    60-bit data primes: 32 bytes per value; the flood of a t-of-n decryption (about ``2**83`` per
+    coefficient) decodes to an error std near 3e-5; sums up to ``2**14`` in magnitude."""
     FLARE_DEFAULT = "flare-default"
     """NVIDIA FLARE's default CKKS set (``n = 8192``, primes ``[60, 40, 40]``, scale ``2**40``),
     kept as the comparison point of ``fedrec bench he``."""
@@ -234,6 +239,12 @@ _PARAMS: dict[ParamSet, HEParams] = {
         poly_modulus_degree=4096,
         coeff_mod_bit_sizes=(52, 52),
         scale_bits=38,
+    ),
+    ParamSet.THRESHOLD: HEParams(
+        name=ParamSet.THRESHOLD.value,
+        poly_modulus_degree=8192,
+        coeff_mod_bit_sizes=(60, 60, 60),
+        scale_bits=104,
     ),
     ParamSet.FLARE_DEFAULT: HEParams(
         name=ParamSet.FLARE_DEFAULT.value,
