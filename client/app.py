@@ -17,6 +17,7 @@ treat the reply as any update.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from functools import lru_cache
@@ -29,7 +30,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.dp_mod import make_client_dp_mod, refusal
-from client.he_mod import client_keys, decrypt_for_committee, make_client_he_mod
+from client.he_mod import (
+    client_keys,
+    cosign_decryption,
+    decrypt_for_committee,
+    make_client_he_mod,
+    public_keys,
+    public_keys_from_bytes,
+)
 from client.local import (
     LocalData,
     LocalUpdate,
@@ -48,11 +56,17 @@ from client.store import (
     local_data_for,
     record_cosignature,
 )
+from client.threshold import Holder, handle_keygen, handle_tag, handle_threshold
+from common.he import sum_from_record
 from common.privacy.signing import (
+    COSIGN_REQUEST_RECORD,
     COSIGNATURE_RECORD,
     DEVICE_KEY_FILE,
+    DEVICE_REGISTRY_FILE,
+    SIGNING_DIR,
     Cosignature,
     load_signing_key,
+    read_device_registry,
     read_device_seed,
     simulated_device_key,
 )
@@ -60,9 +74,13 @@ from common.protocol import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
     DESERIALIZE_SECONDS,
+    HE_PUBLIC_CONTEXT,
+    HE_REGISTRY,
+    HE_SUM_RECORD,
     METRICS_RECORD,
     RELEASE_STATISTIC,
     SERIALIZE_SECONDS,
+    THRESHOLD_RECORD,
     TRAIN_SECONDS,
     Divergence,
     EvalMetrics,
@@ -128,8 +146,34 @@ def _keys_dir(context: Context) -> Path:
     return _run_config(run_dir).encryption.keys_dir(Path(run_dir))
 
 
+def _signer(context: Context) -> tuple[int, Ed25519PrivateKey] | None:
+    """This client's id and device signing key (threshold mode signs its uploads)."""
+    key = _signing_key(context)
+    if key is None:
+        return None
+    if is_device(context):
+        return device_client_id(context), key
+    return int(context.node_config["partition-id"]), key
+
+
+def _registry(context: Context, config: ConfigRecord) -> dict[str, str]:
+    """The registered device keys: the run's file in a simulation; on a device, the
+    operator's registry as the server relays it (docs/design.md says what that trusts)."""
+    if is_device(context):
+        raw = config.get(HE_REGISTRY, config.get("registry", "{}"))
+        registry = json.loads(str(raw))
+        return {str(k): str(v) for k, v in registry.items()}
+    run_dir = Path(str(context.run_config["run-dir"]))
+    return read_device_registry(run_dir / SIGNING_DIR / DEVICE_REGISTRY_FILE)
+
+
 # The HE mod is outermost: the DP mod clips and noises first, then the update is encrypted.
-@app.train(mods=[make_client_he_mod(_keys_dir), make_client_dp_mod(_budget, _noise_seed)])
+@app.train(
+    mods=[
+        make_client_he_mod(_keys_dir, _signer, _registry),
+        make_client_dp_mod(_budget, _noise_seed),
+    ]
+)
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's rows; reply with the weighted delta."""
     t0 = time.perf_counter()
@@ -309,6 +353,85 @@ def decrypt(msg: Message, context: Context) -> Message:
     cosignature = Cosignature.from_wire(content.config_records.get(COSIGNATURE_RECORD))
     if cosignature is not None:
         record_cosignature(context, msg, server_round, cosignature.to_record())
+    return Message(content, reply_to=msg)
+
+
+def _holder(context: Context, msg: Message) -> Holder:
+    """This node as a key holder: its share folder, id, signing key, registry and floors.
+
+    A simulated client's folder is ``RUN/keys/holders/<client>``; a device's is its key
+    folder. The registry is the run's (a simulation) or the operator's, relayed by the server
+    with the request (a device; see docs/design.md on what that trusts).
+    """
+    signer = _signer(context)
+    if signer is None:
+        raise ValueError("a key holder needs a device signing key")
+    client, key = signer
+    registry = _registry(context, msg.content.config_records.get(THRESHOLD_RECORD, ConfigRecord()))
+    if is_device(context):
+        folder = Path(str(context.node_config["keys"]))
+        least = int(context.node_config.get("min-contributors", 2))
+        budget = int(context.node_config.get("max-decryptions", 4096))
+    else:
+        run_dir = Path(str(context.run_config["run-dir"]))
+        cfg = _run_config(str(run_dir))
+        folder = cfg.encryption.keys_dir(run_dir) / "holders" / str(client)
+        least = cfg.encryption.min_contributors
+        budget = cfg.encryption.max_decryptions
+    return Holder(
+        folder=folder,
+        client=client,
+        signing_key=key,
+        registry=registry,
+        min_contributors=least,
+        max_decryptions=budget,
+    )
+
+
+@app.query("keygen")
+def keygen(msg: Message, context: Context) -> Message:
+    """A key ceremony step (threshold mode; :mod:`client.threshold`)."""
+    return Message(handle_keygen(msg, _holder(context, msg)), reply_to=msg)
+
+
+@app.query("threshold")
+def threshold(msg: Message, context: Context) -> Message:
+    """A key holder's commit or decrypt step for one slot (threshold mode)."""
+    holder = _holder(context, msg)
+    tamper = 0.0
+    if "partition-id" in context.node_config:  # fault injection exists in simulations only
+        cfg = _run_config(str(context.run_config["run-dir"]))
+        if int(context.node_config["partition-id"]) in cfg.simulation.lying_clients:
+            tamper = 1.0
+    keys = public_keys(str(holder.folder))
+    content, stated = handle_threshold(msg, holder, keys, tamper=tamper)
+    request = msg.content.config_records.get(COSIGN_REQUEST_RECORD)
+    if stated is not None and request is not None:
+        total = sum_from_record(msg.content.config_records[HE_SUM_RECORD])
+        server_round = RoundConfig.read(msg.content.config_records[CONFIG_RECORD]).server_round
+        cosignature = cosign_decryption(
+            msg, request, total, holder.signing_key, announced_mechanism(context, msg, server_round)
+        )
+        if cosignature is not None:
+            content[COSIGNATURE_RECORD] = ConfigRecord(dict(cosignature.to_wire()))
+            record_cosignature(context, msg, server_round, cosignature.to_record())
+    return Message(content, reply_to=msg)
+
+
+@app.query("tag")
+def tag(msg: Message, context: Context) -> Message:
+    """Tag this sender's own upload for the key holders' check (threshold mode)."""
+    signer = _signer(context)
+    if signer is None:
+        raise ValueError("threshold mode needs a device signing key")
+    config = msg.content.config_records.get(THRESHOLD_RECORD, ConfigRecord())
+    data = config.get(HE_PUBLIC_CONTEXT)
+    keys = (
+        public_keys_from_bytes(data)
+        if isinstance(data, bytes)
+        else public_keys(str(_keys_dir(context)))
+    )
+    content = handle_tag(msg, context, keys, client=signer[0], signing_key=signer[1])
     return Message(content, reply_to=msg)
 
 

@@ -79,6 +79,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
             auth_key=args.auth_key,
             keys=args.keys,
             budget=args.budget,
+            min_contributors=args.min_contributors,
             home=args.home,
             max_wait=args.max_wait if args.max_wait > 0 else None,
         )
@@ -123,7 +124,18 @@ def add_client_commands(sub: Subparsers) -> None:
         "--auth-key", type=Path, required=True, metavar="KEY", help="this device's private key"
     )
     p.add_argument(
-        "--keys", type=Path, default=None, metavar="KEYDIR", help="CKKS keys (client.ctx)"
+        "--keys",
+        type=Path,
+        default=None,
+        metavar="KEYDIR",
+        help="key folder: threshold mode, this device's own; single-key mode, client.ctx's",
+    )
+    p.add_argument(
+        "--min-contributors",
+        type=int,
+        default=2,
+        metavar="N",
+        help="as a key holder, never decrypt a sum of fewer senders (default 2)",
     )
     p.add_argument(
         "--budget",

@@ -6,8 +6,12 @@ public key with ``fedrec deploy register``), and a node config that names the de
 files (read by the ClientApp, :mod:`client.store`):
 
 - ``data``: its history, ``user,item[,rating][,timestamp]``;
-- ``keys``: its CKKS key folder (``client.ctx``, from the key authority) when runs encrypt;
-- ``budget``: its own epsilon budget, past which it refuses to train.
+- ``keys``: its key folder when runs encrypt: in threshold mode its own (its signing key, and
+  its key share if it becomes a key holder); in single-key mode ``client.ctx`` from the
+  operator;
+- ``budget``: its own epsilon budget, past which it refuses to train;
+- ``min-contributors``: as a key holder, the fewest distinct senders of a sum it decrypts (the
+  server cannot lower it).
 
 It stays in the foreground, Flower's log on its output, until Ctrl-C or SIGTERM, or until the
 SuperNode gives up reaching its SuperLink (``max_wait`` seconds, so that a SuperLink restart is
@@ -27,6 +31,7 @@ import tomli_w
 
 from common.errors import FedrecError
 from common.io import atomic_write_bytes
+from common.privacy.signing import DEVICE_KEY_FILE, load_or_create_signing_key, public_key_hex
 from common.processes import flower_bin, flower_env, free_port, interrupts_raise, stop_tree
 
 __all__ = ["JoinConfig", "join", "node_config_of", "supernode_command"]
@@ -47,9 +52,11 @@ class JoinConfig:
     auth_key: Path
     """This device's private authentication key (OpenSSH format, ``fedrec deploy node-key``)."""
     keys: Path | None = None
-    """CKKS key folder holding ``client.ctx``; needed when runs encrypt updates."""
+    """Key folder; needed when runs encrypt updates (module docstring)."""
     budget: float | None = None
     """Epsilon this device will not exceed (> 0); default: the run's ``client_budget``."""
+    min_contributors: int = 2
+    """As a key holder: never decrypt a sum of fewer distinct registered senders (>= 2)."""
     home: Path | None = None
     """Flower's folder for this node (installed apps); default ``HISTORY.fedrec-node/``."""
     max_wait: float | None = 600.0
@@ -61,6 +68,8 @@ class JoinConfig:
             raise ValueError(f"superlink must be HOST:PORT, got {self.superlink!r}")
         if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 0):
             raise ValueError(f"budget must be a finite number > 0, got {self.budget}")
+        if self.min_contributors < 2:
+            raise ValueError(f"min_contributors must be >= 2, got {self.min_contributors}")
         if self.max_wait is not None and not (math.isfinite(self.max_wait) and self.max_wait > 0):
             raise ValueError(f"max_wait must be a finite number > 0, got {self.max_wait}")
 
@@ -77,8 +86,11 @@ def _check_files(cfg: JoinConfig) -> None:
     for path, what in ((cfg.data, "history"), (cfg.ca, "CA certificate"), (cfg.auth_key, "key")):
         if not Path(path).expanduser().is_file():
             raise FedrecError(f"{path}: no such {what} file")
-    if cfg.keys is not None and not (Path(cfg.keys) / "client.ctx").is_file():
-        raise FedrecError(f"{cfg.keys}: no client.ctx (make keys with `fedrec keys init`)")
+    if cfg.keys is not None and not Path(cfg.keys).expanduser().is_dir():
+        raise FedrecError(
+            f"{cfg.keys}: no such key folder (threshold mode: the device's own folder for its "
+            "signing key and share; single-key mode: `fedrec keys init`'s client.ctx)"
+        )
 
 
 def node_config_of(cfg: JoinConfig) -> dict[str, str | float]:
@@ -88,6 +100,7 @@ def node_config_of(cfg: JoinConfig) -> dict[str, str | float]:
         config["keys"] = str(Path(cfg.keys).expanduser().resolve())
     if cfg.budget is not None:
         config["budget"] = float(cfg.budget)
+    config["min-contributors"] = str(cfg.min_contributors)
     return config
 
 
@@ -122,6 +135,9 @@ def join(cfg: JoinConfig) -> int:
         If a file it needs is missing.
     """
     _check_files(cfg)
+    if cfg.keys is not None:  # its signing key, made once: the operator registers its public part
+        key = load_or_create_signing_key(Path(cfg.keys).expanduser() / DEVICE_KEY_FILE)
+        logger.info("device signing key (register it with the operator): %s", public_key_hex(key))
     home = cfg.node_home
     home.mkdir(parents=True, exist_ok=True)
     node_config_file = home / "node-config.toml"

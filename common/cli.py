@@ -454,6 +454,80 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     out.print(f"fingerprint {files.value}")
     out.print(f"devices (secret key, keep private): {files.client}")
     out.print(f"server (no secret key):             {files.server}")
+    out.print("single-key mode: whoever holds client.ctx can read every update")
+    return 0
+
+
+def _cmd_keys_ceremony(args: argparse.Namespace) -> int:
+    from common.he import ParamSet
+    from common.he.ceremony import run_local
+    from common.he.keys import fingerprint_of
+    from common.he.shares import Transcript, is_threshold, save_share, write_public
+
+    threshold = args.threshold if args.threshold is not None else args.holders // 2 + 1
+    if not args.holders / 2 < threshold <= args.holders:
+        raise FedrecError(
+            f"--threshold must be more than half of --holders ({args.holders}) and at most "
+            f"--holders, got {threshold}"
+        )
+    if is_threshold(args.out) and not args.force:
+        raise FedrecError(f"{args.out} already holds a threshold key; use --force to replace it")
+    params = ParamSet.THRESHOLD.params
+    with console.status(f"key ceremony: {args.holders} holders, threshold {threshold}"):
+        done = run_local(params, holders=args.holders, threshold=threshold)
+    fingerprint = fingerprint_of(done.context)
+    transcript = Transcript(
+        ceremony_id=done.plan.ceremony_id,
+        seed=done.plan.seed.hex(),
+        holders=done.plan.holders,
+        threshold=threshold,
+        fingerprint=fingerprint,
+        commitments={share.index: share.digest() for share in done.shares},
+    )
+    write_public(args.out, context=done.context, params=params, transcript=transcript)
+    for share in done.shares:
+        save_share(
+            args.out / "holders" / str(share.index), share, ceremony_id=transcript.ceremony_id
+        )
+    out.print(f"fingerprint {fingerprint}  ({threshold}-of-{args.holders}, {params.name})")
+    out.print(f"public (server and every sender): {args.out}")
+    out.print(f"shares (one per holder, owner-only): {args.out / 'holders'}/<1..{args.holders}>")
+    out.print("this ran every holder in one process; in a run the ceremony runs among the devices")
+    return 0
+
+
+def _cmd_keys_share(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from common.he.shares import load_share, load_transcript
+
+    transcript = load_transcript(args.public) if args.public is not None else None
+    share = load_share(args.folder, transcript=transcript)
+    used = None
+    ledger = Path(args.folder) / "decryptions.json"
+    if ledger.exists():
+        used = int(_json.loads(ledger.read_text()).get("decrypted", 0))
+    info = {
+        "index": share.index,
+        "holders": list(share.holders),
+        "threshold": share.threshold,
+        "params": share.params.name,
+        "fingerprint": share.fingerprint,
+        "digest": share.digest(),
+        "checked_against_ceremony": transcript is not None,
+        "ciphertexts_decrypted": used,
+    }
+    if args.json:
+        out.print_json(data=info)
+        return 0
+    out.print(
+        f"holder {share.index} of {len(share.holders)} (threshold {share.threshold}), key "
+        f"{share.fingerprint[:16]}..., share digest {share.digest()[:16]}..."
+    )
+    if transcript is not None:
+        out.print("matches the ceremony's commitment")
+    if used is not None:
+        out.print(f"ciphertexts decrypted so far: {used}")
     return 0
 
 
@@ -558,11 +632,30 @@ def add_audit_commands(sub: Subparsers) -> Subparsers:
 
 
 def add_keys_commands(sub: Subparsers) -> None:
-    """``fedrec keys init``."""
+    """``fedrec keys init|ceremony|share``."""
     keys = sub.add_parser("keys", help="provision homomorphic-encryption (CKKS) keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     p = ksub.add_parser(
-        "init", help="write client.ctx (secret, devices), server.ctx (public), fingerprint"
+        "ceremony",
+        help="threshold mode: make a collective key and one share per holder, in this process",
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="KEYDIR", help="public folder")
+    p.add_argument("--holders", type=int, default=5, help="key holders (default 5)")
+    p.add_argument(
+        "--threshold", type=int, default=None, help="shares needed (default: a majority)"
+    )
+    p.add_argument("--force", action="store_true", help="replace a key already in KEYDIR")
+    p.set_defaults(handler=_cmd_keys_ceremony)
+    p = ksub.add_parser("share", help="threshold mode: check a holder's share and show it")
+    p.add_argument("folder", type=Path, metavar="HOLDER_DIR", help="folder with share.json")
+    p.add_argument(
+        "--public", type=Path, default=None, metavar="KEYDIR", help="check it against this key"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_keys_share)
+    p = ksub.add_parser(
+        "init",
+        help="single-key mode: write client.ctx (secret, every device), server.ctx (public)",
     )
     p.add_argument("--out", type=Path, required=True, metavar="KEYDIR", help="key folder")
     p.add_argument("--force", action="store_true", help="replace keys already in KEYDIR")

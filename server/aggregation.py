@@ -54,9 +54,37 @@ def wire_bytes(content: RecordDict) -> int:
         if isinstance(rec, ArrayRecord):
             sig = tuple((k, a.dtype, tuple(a.shape), a.stype, len(a.data)) for k, a in rec.items())
             total += _cached_size(("arrays", sig), lambda r=rec: _nested_size(r))  # type: ignore[misc]
+        elif isinstance(rec, ConfigRecord):
+            total += _config_size(rec)
         else:
             total += len(rec.deflate())
     return total
+
+
+_BIG = 1 << 16
+
+
+def _config_size(record: ConfigRecord) -> int:
+    """Serialized size of a config record; a large list of bytes (ciphertext chunks) is counted
+    as protobuf lays it out (a tag, a length and the bytes per item) without serializing it."""
+    big: dict[str, list[bytes]] = {}
+    for key, value in record.items():
+        if isinstance(value, list) and value and all(isinstance(v, bytes) for v in value):
+            blobs = [v for v in value if isinstance(v, bytes)]
+            if sum(len(b) for b in blobs) > _BIG:
+                big[key] = blobs
+    if not big:
+        return len(record.deflate())
+    rest = ConfigRecord({k: v for k, v in record.items() if k not in big})
+    size = len(rest.deflate())
+    for key, blobs in big.items():
+        items = sum(1 + _varint_size(len(b)) + len(b) for b in blobs)
+        size += len(key) + 8 + _varint_size(items) + items  # the map entry around the list
+    return size
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def apply_sum_inplace(

@@ -30,12 +30,18 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.checkpoint import Checkpoint, save_checkpoint
-from common.he import load_server_context
+from common.he import ParamSet, load_server_context
+from common.he.shares import is_threshold, load_transcript
 from common.model import ModelConfig, anneal_beta, build_model
 from common.privacy import AggregatorView, DPPlan, plan_privacy
 from common.privacy.ledger import LedgerWriter
 from common.privacy.rounds import privacy_summary, resume_accountant, resume_aggregator
-from common.privacy.signing import server_signer
+from common.privacy.signing import (
+    DEVICE_REGISTRY_FILE,
+    SIGNING_DIR,
+    read_device_registry,
+    server_signer,
+)
 from common.protocol import RoundConfig
 from common.rounds import RoundRecord, test_metrics
 from common.run.config import RunConfig
@@ -47,6 +53,7 @@ from server.he import CommitteeSum
 from server.optimizer import ServerOpt, cosine_lr_scale, make_server_optimizer
 from server.state import STATE_FILE, RunOutputs, ServerState, open_ledger
 from server.strategy import FedRecStrategy, RoundStrategy
+from server.threshold import HolderNode, ThresholdSum, run_ceremony
 from server.warmstart import WarmStartOutcome, run_warm_start
 
 __all__ = [
@@ -137,7 +144,7 @@ def run_federation(
     ledger = None if plan is None else open_ledger(run.dir, cfg, plan, run.state)
     nodes = _register_nodes(grid, cfg, run.dir, expected=expected_nodes, simulated=simulated)
     run.outputs.event(event="nodes", registered=len(nodes))
-    summer = make_summer(grid, cfg, run.dir, plan)
+    summer = make_summer(grid, cfg, run.dir, plan, nodes=nodes, simulated=simulated)
     # Devices cannot read the run folder: messages carry the config and catalogue (public)
     run_info = {} if simulated else run_info_config(cfg, run.data.item_ids)
     if cfg.warm_start.enabled and run.state.warm_start is None:
@@ -169,22 +176,108 @@ def run_federation(
 
 
 def make_summer(
-    grid: Grid, cfg: RunConfig, run_dir: Path, plan: DPPlan | None
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: Path,
+    plan: DPPlan | None,
+    *,
+    nodes: list[int] | None = None,
+    simulated: bool = True,
 ) -> CommitteeSum | None:
     """The encrypted sum of an encrypted run (``None``: plaintext sums), shared by the warm
-    start's releases and the rounds."""
+    start's releases and the rounds.
+
+    Threshold mode (:class:`server.threshold.ThresholdSum`) runs the key ceremony among
+    ``encryption.key_holders`` of ``nodes`` first, unless the key folder holds one already (a
+    resumed run). Single-key mode loads the operator's key folder.
+    """
     if not cfg.encryption.enabled:
         logger.warning("encryption.enabled = false: the server sees each client's update")
         return None
+    # the committee co-signs the rounds of a signed ledger (common.privacy.signing)
+    server_key = server_signer(run_dir).public_key if plan is not None else None
+    if cfg.encryption.threshold_mode:
+        return _threshold_summer(
+            grid, cfg, run_dir, server_key, nodes=nodes or [], simulated=simulated
+        )
     return CommitteeSum(
         load_server_context(cfg.encryption.keys_dir(run_dir)),
         grid,
         committee_size=cfg.encryption.committee_size,
         timeout=cfg.server.round_timeout,
         seed=cfg.seed,
-        # the committee co-signs the rounds of a signed ledger (common.privacy.signing)
         run_id=run_dir.name if plan is not None else None,
-        server_key=server_signer(run_dir).public_key if plan is not None else None,
+        server_key=server_key,
+    )
+
+
+def _threshold_summer(
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: Path,
+    server_key: str | None,
+    *,
+    nodes: list[int],
+    simulated: bool,
+) -> ThresholdSum:
+    """Run (or reuse) the key ceremony and make the run's :class:`ThresholdSum`."""
+    enc = cfg.encryption
+    keydir = enc.keys_dir(run_dir)
+    registry = read_device_registry(run_dir / SIGNING_DIR / DEVICE_REGISTRY_FILE)
+
+    def client_of(node: int, position: int) -> int:
+        # a simulated client is its partition (the canonical position); a device its node id
+        return position if simulated else node % (2**31 - 1)
+
+    if is_threshold(keydir):
+        transcript = load_transcript(keydir)
+        clients = transcript.clients or {}
+        recorded = transcript.nodes or {}
+        if recorded and set(recorded.values()) <= set(nodes):  # the same nodes (a deployment)
+            holders = [HolderNode(index=j, node=n, client=clients[j]) for j, n in recorded.items()]
+        else:  # simulated nodes get new ids each start: find each holder by its client
+            position = {client_of(n, i): n for i, n in enumerate(nodes)}
+            holders = [
+                HolderNode(index=j, node=position[c], client=c)
+                for j, c in sorted(clients.items())
+                if c in position
+            ]
+        logger.info("reusing the key of ceremony %s", transcript.ceremony_id[:8])
+    else:
+        if len(nodes) < enc.key_holders:
+            raise RuntimeError(
+                f"encryption.key_holders = {enc.key_holders} but only {len(nodes)} nodes"
+            )
+        rng = np.random.default_rng([cfg.seed, 7])
+        picks = sorted(int(i) for i in rng.choice(len(nodes), enc.key_holders, replace=False))
+        holders = [
+            HolderNode(index=k + 1, node=nodes[p], client=client_of(nodes[p], p))
+            for k, p in enumerate(picks)
+        ]
+        transcript = run_ceremony(
+            grid,
+            holders,
+            params=ParamSet.THRESHOLD.params,
+            threshold=enc.decryption_threshold,
+            keydir=keydir,
+            registry=registry,
+            timeout=cfg.server.round_timeout,
+            relay_registry=not simulated,
+        )
+    return ThresholdSum(
+        load_server_context(keydir),
+        grid,
+        holders=holders,
+        threshold=transcript.threshold,
+        registry=registry,
+        min_contributors=enc.min_contributors,
+        timeout=cfg.server.round_timeout,
+        run_id=run_dir.name,
+        server_key=server_key,
+        public_context_bytes=None if simulated else (keydir / "server.ctx").read_bytes(),
+        ceremony=None if simulated else transcript,
+        relay_registry=not simulated,
+        seed=cfg.seed,
     )
 
 
@@ -207,7 +300,7 @@ def build_strategy(
     (default: a new one in an encrypted run, :func:`make_summer`).
     """
     if summer is None and cfg.encryption.enabled:
-        summer = make_summer(grid, cfg, run_dir, plan)
+        summer = make_summer(grid, cfg, run_dir, plan, nodes=nodes)
     plain = FedRecStrategy(
         cfg.server,
         optimizer,

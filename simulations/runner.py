@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,6 +75,10 @@ class SimulationOutcome:
     wall_seconds: float
 
 
+BLAS_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""Thread counts of the BLAS libraries in the simulation's processes (an environment already
+setting them wins)."""
+
 RUN_OUTPUTS = ("server_state.pt", "progress.jsonl", "results.json", "rounds.csv", "ledger.jsonl")
 """What a run writes into its folder while it runs (``--force`` removes them first)."""
 
@@ -97,7 +102,8 @@ def prepare_run(
     """
     data = build_run_data(cfg, cache_dir=cache_dir)
     keydir = cfg.encryption.keys_dir(run_dir)
-    named_keys = cfg.encryption.enabled and cfg.encryption.keys is not None
+    single_key = cfg.encryption.enabled and not cfg.encryption.threshold_mode
+    named_keys = single_key and cfg.encryption.keys is not None
     if named_keys and not (keydir / "server.ctx").exists():
         raise FedrecError(
             f"encryption.keys: {keydir} holds no keys; run `fedrec keys init --out {keydir}`"
@@ -105,8 +111,12 @@ def prepare_run(
     if force and run_dir.exists():
         for name in RUN_OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
+        if cfg.encryption.threshold_mode and cfg.encryption.keys is None and keydir.exists():
+            # a new run needs a new ceremony: the old key's holders have spent their slots
+            shutil.rmtree(keydir)
     n_clients = write_run_folder(cfg, run_dir, data=data).n_clients
-    simulated_keys = cfg.encryption.enabled and cfg.encryption.keys is None
+    # threshold mode: the run's key ceremony makes the keys (server.threshold), no one else
+    simulated_keys = single_key and cfg.encryption.keys is None
     if simulated_keys and not (keydir / "client.ctx").exists():
         init_keys(keydir, params=ParamSet.FEDREC.params)
     if cfg.encryption.enabled:  # the operator registers the committee's co-signing keys
@@ -234,6 +244,10 @@ def _worker_env(lock: RunLock) -> dict[str, str]:
 
     main = threading.current_thread() is threading.main_thread()
     return {
+        # One BLAS thread per process: the server thread's NumPy calls (the privacy plan's
+        # PRV discretization) otherwise spin OpenBLAS threads against Flower's polling
+        # threads on a small machine, slowing a 2 s plan to minutes; clients are one CPU each.
+        **BLAS_THREADS,
         **os.environ,
         PARENT_ENV: str(os.getpid()),
         PDEATHSIG_ENV: "1" if main else "0",

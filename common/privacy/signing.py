@@ -73,6 +73,7 @@ __all__ = [
     "load_signing_key",
     "public_key_hex",
     "read_device_registry",
+    "register_device",
     "register_simulated_devices",
     "server_signer",
     "simulated_device_key",
@@ -250,6 +251,23 @@ def register_simulated_devices(run_dir: Path, n_clients: int) -> Path:
     assert seed is not None
     keys = {str(i): public_key_hex(simulated_device_key(seed, i)) for i in range(n_clients)}
     registry = folder / DEVICE_REGISTRY_FILE
+    atomic_write_json(
+        registry, {"format": _REGISTRY_FORMAT, "scheme": SIGNATURE_SCHEME, "keys": keys}
+    )
+    return registry
+
+
+def register_device(run_dir: Path, device_id: int, public_key: str) -> Path:
+    """Add (or replace) one device's public key in the run's registry; returns its path.
+
+    The operator's step in a deployment, once the device's id is known (``fedrec client join``
+    makes the device's key, ``device-signing.key``, in its key folder).
+    """
+    folder = Path(run_dir) / SIGNING_DIR
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    registry = folder / DEVICE_REGISTRY_FILE
+    keys = read_device_registry(registry) if registry.exists() else {}
+    keys[str(device_id)] = public_key
     atomic_write_json(
         registry, {"format": _REGISTRY_FORMAT, "scheme": SIGNATURE_SCHEME, "keys": keys}
     )

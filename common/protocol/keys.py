@@ -33,12 +33,18 @@ __all__ = [
     "EVAL_METRIC_PREFIXES",
     "EVAL_USERS",
     "HE_AGGREGATE_SECONDS",
+    "HE_CEREMONY",
     "HE_DECRYPT_SECONDS",
     "HE_ENCRYPT_SECONDS",
     "HE_FINGERPRINT",
+    "HE_PUBLIC_CONTEXT",
     "HE_RECORD",
+    "HE_REGISTRY",
+    "HE_SLOT",
     "HE_SUM_RECORD",
+    "HE_UPLOAD_RECORD",
     "ITEM_IDS_KEY",
+    "KEYGEN_MESSAGE_TYPE",
     "LOSS",
     "METRICS_RECORD",
     "NUM_EXAMPLES",
@@ -50,6 +56,9 @@ __all__ = [
     "SECONDS_SUFFIX",
     "SERIALIZE_SECONDS",
     "SERVER_ROUND",
+    "TAG_MESSAGE_TYPE",
+    "THRESHOLD_MESSAGE_TYPE",
+    "THRESHOLD_RECORD",
     "TRAIN_SECONDS",
     "WEIGHT",
 ]
@@ -69,6 +78,16 @@ HE_SUM_RECORD: Final = "he-sum"
 """Config record of a committee request: the encrypted sum to decrypt."""
 DECRYPT_MESSAGE_TYPE: Final = "query.decrypt"
 """Message type of a committee request (a Flower query with action ``decrypt``)."""
+KEYGEN_MESSAGE_TYPE: Final = "query.keygen"
+"""Message type of a key-ceremony step sent to a key holder (threshold mode)."""
+THRESHOLD_MESSAGE_TYPE: Final = "query.threshold"
+"""Message type of a threshold decryption step sent to a key holder (commit, decrypt)."""
+TAG_MESSAGE_TYPE: Final = "query.tag"
+"""Message type asking a sender to tag its own upload for the holders' check."""
+THRESHOLD_RECORD: Final = "threshold"
+"""Config record of the key-ceremony, threshold-decryption and tag messages and replies."""
+HE_UPLOAD_RECORD: Final = "he-upload"
+"""Config record of an encrypted train reply in threshold mode: the sender's signed digest."""
 
 # ------------------------------------------------------------------------ config-record keys
 
@@ -113,6 +132,16 @@ DPSGD_MAX_SAMPLE_RATE: Final = "dpsgd-max-sample-rate"
 
 HE_FINGERPRINT: Final = "he-fingerprint"
 """Train-config key announcing the key pair the server expects updates encrypted under."""
+HE_SLOT: Final = "he-slot"
+"""Train-config key (threshold mode): the decryption slot the upload is for (run, round or
+release); the sender signs it with the upload's digest."""
+HE_PUBLIC_CONTEXT: Final = "he-public-context"
+"""Train-config key (threshold mode, deployments): the collective public context's bytes."""
+HE_CEREMONY: Final = "he-ceremony"
+"""Train-config key (threshold mode, deployments): the ceremony's record (JSON), with every
+holder's signature of the key, which the device checks before it encrypts."""
+HE_REGISTRY: Final = "he-registry"
+"""Config key (threshold mode, deployments): the operator's device registry (JSON), relayed."""
 
 RUN_CONFIG_KEY: Final = "fedrec-run-config"
 """Config-record key of the resolved run config (TOML text; :mod:`common.run.info`)."""

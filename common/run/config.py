@@ -312,20 +312,68 @@ class EncryptionConfig:
     """Encrypted aggregation (docs/design.md, "Encryption"): CKKS through TenSEAL."""
 
     enabled: bool = False
-    """Clients send CKKS ciphertexts; the server adds them and a committee decrypts the sum."""
+    """Clients send CKKS ciphertexts; the server adds them and key holders decrypt the sum."""
+    mode: str = "threshold"
+    """``"threshold"``: a key ceremony among ``key_holders`` devices makes a collective key that
+    no party holds, and ``threshold`` of them decrypt each checked sum together
+    (:mod:`common.he.threshold`). ``"single-key"``: every device holds one secret key that the
+    operator makes (``fedrec keys init``), kept for comparison: whoever holds it reads every
+    update."""
     keys: str | None = None
-    """Key folder of ``fedrec keys init``; default ``RUN_DIR/keys``, made when missing (a
-    simulation plays the operator). Clients load ``client.ctx``, the server only ``server.ctx``."""
+    """Key folder; default ``RUN_DIR/keys``. Threshold mode: the public folder the run's ceremony
+    writes (or a previous ceremony's, on resume). Single-key mode: ``fedrec keys init``'s folder,
+    made when missing (a simulation plays the operator)."""
     committee_size: int = 2
-    """Clients of the round that each decrypt the sum; their outputs must agree (>= 2)."""
+    """Single-key mode: clients of the round that each decrypt the sum; their outputs must agree
+    (>= 2)."""
+    key_holders: int = 5
+    """Threshold mode: devices that take part in the ceremony and hold a share (>= 2)."""
+    threshold: int | None = None
+    """Threshold mode: partial decryptions a sum needs; default a majority,
+    ``key_holders // 2 + 1``. Must be more than half of ``key_holders``: two committees then
+    share a holder, and a holder decrypts each round once, so no two sums of one round can be
+    decrypted and subtracted."""
+    min_contributors: int = 10
+    """Threshold mode: the fewest distinct registered senders a holder decrypts a sum of."""
+    max_decryptions: int = 4096
+    """Threshold mode: ciphertexts a share decrypts over its life; the flood is sized for it
+    (each doubling adds a bit) and a holder stops when it is spent."""
 
     def keys_dir(self, run_dir: Path) -> Path:
         """The key folder: :attr:`keys`, else ``run_dir/keys``."""
         return Path(self.keys) if self.keys is not None else Path(run_dir) / "keys"
 
+    @property
+    def threshold_mode(self) -> bool:
+        """Encrypted, with a threshold key."""
+        return self.enabled and self.mode == "threshold"
+
+    @property
+    def decryption_threshold(self) -> int:
+        """:attr:`threshold`, or its default majority."""
+        return self.threshold if self.threshold is not None else self.key_holders // 2 + 1
+
     def __post_init__(self) -> None:
+        if self.mode not in ("threshold", "single-key"):
+            raise ValueError(
+                f"encryption.mode must be 'threshold' or 'single-key', got {self.mode!r}"
+            )
         if self.committee_size < 2:
             raise ValueError(f"encryption.committee_size must be >= 2, got {self.committee_size}")
+        if self.key_holders < 2:
+            raise ValueError(f"encryption.key_holders must be >= 2, got {self.key_holders}")
+        t = self.decryption_threshold
+        if not self.key_holders / 2 < t <= self.key_holders:
+            raise ValueError(
+                f"encryption.threshold must be more than half of key_holders "
+                f"({self.key_holders}) and at most key_holders, got {t}"
+            )
+        if self.min_contributors < 2:
+            raise ValueError(
+                f"encryption.min_contributors must be >= 2, got {self.min_contributors}"
+            )
+        if self.max_decryptions < 1:
+            raise ValueError(f"encryption.max_decryptions must be >= 1, got {self.max_decryptions}")
 
 
 @dataclass(frozen=True)
@@ -453,6 +501,7 @@ class RunConfig:
             )
         if (
             self.encryption.enabled
+            and self.encryption.mode == "single-key"
             and server.sampling is Sampling.FIXED
             and self.encryption.committee_size > server.clients_per_round
         ):
@@ -579,7 +628,25 @@ def check_run_data(cfg: RunConfig, *, n_users: int, n_clients: int | None = None
             "partition: no round could be applied",
             key="server.min_clients",
         )
-    if cfg.encryption.enabled:
+    if cfg.encryption.threshold_mode:
+        holders = cfg.encryption.key_holders
+        if holders > n_clients:
+            raise ConfigError(
+                f"encryption.key_holders = {holders} exceeds the {n_clients} clients of the "
+                "partition",
+                key="encryption.key_holders",
+            )
+        floor = n_clients if cfg.rounds == 0 else expected_cohort_floor(server, n_clients)
+        least = cfg.encryption.min_contributors
+        if least > floor:
+            raise ConfigError(
+                f"encryption.min_contributors = {least} exceeds the participants of a round "
+                f"({floor} or fewer in {COHORT_QUANTILE:.1%} of rounds, {n_clients} clients): "
+                "the key holders would refuse to decrypt. Lower encryption.min_contributors "
+                "or raise server.sample_rate",
+                key="encryption.min_contributors",
+            )
+    elif cfg.encryption.enabled:
         floor = expected_cohort_floor(server, n_clients)
         size = cfg.encryption.committee_size
         if size > floor:

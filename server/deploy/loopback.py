@@ -5,8 +5,9 @@ What an operator and N devices do on separate machines, on 127.0.0.1 (see the RE
 1. the operator prepares the run folder (:mod:`server.deploy.provision`); here each client's rows
    are also exported as a device's history file (``OUT/devices/device-K/history.csv``);
 2. a CA and a server certificate for the SuperLink; one authentication key pair per device;
-   CKKS keys when the run encrypts (the server's folder gets only ``server.ctx``, each device
-   its own copy of ``client.ctx``);
+   when the run encrypts in threshold mode, each device's signing key, registered by the
+   operator (the key ceremony then runs among the devices inside the run); in single-key mode,
+   CKKS keys (the server's folder gets only ``server.ctx``, each device its own ``client.ctx``);
 3. ``flower-superlink`` with TLS and ``--enable-supernode-auth``; each device key registered;
 4. per device, ``fedrec client join`` (the device's own command) with its history, keys and
    the CA;
@@ -26,6 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.privacy.signing import (
+    DEVICE_KEY_FILE,
+    load_or_create_signing_key,
+    load_signing_key,
+    public_key_hex,
+    register_device,
+)
 from common.processes import interrupts_raise
 from common.run.config import RunConfig
 from server.deploy.certs import make_ca, make_node_keys, make_server_cert
@@ -135,7 +143,7 @@ class Loopback(ClosesOnExit):
         )
         make_ca(self.certs)
         make_server_cert(self.certs, host=self.deployment.host)
-        if self.cfg.encryption.enabled:
+        if self.cfg.encryption.enabled and not self.cfg.encryption.threshold_mode:
             from common.he import ParamSet, init_keys
 
             authority = self.out / "keys"  # the key authority's copy of everything
@@ -155,12 +163,23 @@ class Loopback(ClosesOnExit):
             "--ca", str(self.certs / "ca.crt"),
             "--auth-key", str(auth_key),
         ]  # fmt: skip
-        if self.cfg.encryption.enabled:
+        if self.cfg.encryption.threshold_mode:
+            # the device's own folder: its signing key now, its key share after the ceremony
+            cmd += ["--keys", str(self._device_keys(k))]
+        elif self.cfg.encryption.enabled:
             keys = _copy_keys(self.out / "keys", history.parent / "keys", _DEVICE_KEY_FILES)
             cmd += ["--keys", str(keys)]
         if self.budget is not None:
             cmd += ["--budget", repr(self.budget)]
         return cmd
+
+    def _device_keys(self, k: int) -> Path:
+        """Device ``k``'s key folder, with its signing key (made once, as the device would)."""
+        assert self.provisioned is not None, "call prepare() first"
+        folder = self.provisioned.histories[k].parent / "keys"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        load_or_create_signing_key(folder / DEVICE_KEY_FILE)
+        return folder
 
     def start(self) -> float:
         """Start the SuperLink, register every device's key, start the devices; returns the
@@ -172,8 +191,11 @@ class Loopback(ClosesOnExit):
         for k in range(self.provisioned.n_clients):
             name = f"device-{k}"
             keys = make_node_keys(self.certs / "nodes", name)
-            self.deployment.register_node(keys.public_key, name=name)
+            node_id = self.deployment.register_node(keys.public_key, name=name)
             commands.append((name, self.device_command(k, keys.private_key)))
+            if self.cfg.encryption.threshold_mode:  # the operator registers its signing key
+                signing = load_signing_key(self._device_keys(k) / DEVICE_KEY_FILE)
+                register_device(self.run_dir, node_id % (2**31 - 1), public_key_hex(signing))
         for name, cmd in commands:
             home = self.provisioned.histories[int(name.split("-")[1])].parent
             self.deployment.start_node(name, cmd, home, wait=False)

@@ -219,11 +219,9 @@ def _privacy_section(results: dict[str, Any], run_dir: Path) -> str:
         spent_text += f", {spent / target:.0%} of the target"
     z_eff = facts["z_eff"]
     warm_only = facts["warm_only"]
-    encryption = _dict(_dict(results.get("config")).get("encryption")).get("enabled")
-    encrypted: dict[Any, str] = {True: "on (CKKS, one key shared by the devices)", False: "off"}
     rows = [
         ("mode", described),
-        ("encrypted aggregation", encrypted.get(encryption, MISSING)),
+        ("encrypted aggregation", _encryption_text(_dict(results.get("config")))),
         *([("noise source", str(facts["noise"]))] if facts["noise"] is not None else []),
         ("target ε", MISSING if target is None else f"{target:g}"),
         ("ε spent", spent_text),
@@ -326,3 +324,23 @@ def _verdict(audit: _Audit) -> str:
 
 
 # ------------------------------------------------------------------------------- run summary
+
+
+def _encryption_text(config: dict[str, Any]) -> str:
+    """How the run encrypted: off, threshold (t of n key holders) or single key."""
+    enc = _dict(config.get("encryption"))
+    enabled = enc.get("enabled")
+    if enabled is False:
+        return "off"
+    if enabled is not True:
+        return MISSING
+    if enc.get("mode", "threshold") == "single-key":
+        return "on (CKKS, single-key mode: one secret key shared by the devices)"
+    holders = enc.get("key_holders", 5)
+    threshold = enc.get("threshold")
+    if not isinstance(threshold, int) and isinstance(holders, int):
+        threshold = holders // 2 + 1
+    return (
+        f"on (CKKS, threshold: any {threshold} of {holders} key holders decrypt; no one holds "
+        "the key)"
+    )

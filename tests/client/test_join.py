@@ -23,15 +23,21 @@ def _config(tmp_path: Path, **changes: object) -> JoinConfig:
 
 
 def test_node_config_names_the_device_files_by_absolute_path(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, keys=tmp_path / "keys", budget=4.0)
+    cfg = _config(tmp_path, keys=tmp_path / "keys", budget=4.0, min_contributors=20)
     config = node_config_of(cfg)
     assert config == {
         "data": str(tmp_path / "history.csv"),
         "keys": str(tmp_path / "keys"),
         "budget": 4.0,
+        "min-contributors": "20",
     }
     assert tomllib.loads(tomli_w.dumps(config)) == config  # as written to disk
     assert cfg.node_home == tmp_path / "history.csv.fedrec-node"
+
+
+def test_a_holder_floor_below_two_senders_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="min_contributors must be >= 2, got 1"):
+        _config(tmp_path, min_contributors=1)
 
 
 def test_supernode_command_uses_tls_authentication_and_a_local_runtime_port(

@@ -92,6 +92,7 @@ def test_a_bad_value_in_a_file_names_the_file_and_line(tmp_path: Path) -> None:
                 "server.sampling=fixed",
                 "server.clients_per_round=3",
                 "encryption.enabled=true",
+                "encryption.mode=single-key",
                 "encryption.committee_size=4",
             ],
             "encryption.committee_size = 4 can never be met",
@@ -170,6 +171,7 @@ def test_a_committee_larger_than_a_low_cohort_is_refused() -> None:
         "data.n_heldout_users=8",
         "server.sample_rate=0.5",
         "encryption.enabled=true",
+        "encryption.mode=single-key",
         "encryption.committee_size=50",
     ]
     cfg = load_run_config(None, sets)
@@ -190,6 +192,57 @@ def test_a_committee_the_cohort_meets_passes() -> None:
     floor = expected_cohort_floor(cfg.server, 738)
 
     assert 50 < floor < 74
+
+
+def test_a_contributor_floor_above_a_low_cohort_is_refused() -> None:
+    # threshold mode: 44 clients at q = 0.5 put about 15 in a low round; holders would refuse
+    cfg = load_run_config(
+        None,
+        ["data.n_heldout_users=8", "server.sample_rate=0.5", "encryption.enabled=true"]
+        + ["encryption.min_contributors=30"],
+    )
+
+    with pytest.raises(ConfigError) as info:
+        check_run_data(cfg, n_users=60, n_clients=44)
+
+    assert info.value.key == "encryption.min_contributors"
+    assert "the key holders would refuse to decrypt" in str(info.value)
+    # the same floor passes when every client answers (a warm start alone: rounds = 0)
+    alone = load_run_config(
+        None,
+        ["data.n_heldout_users=8", "rounds=0", "warm_start.enabled=true"]
+        + ["warm_start.share=1.0", "encryption.enabled=true", "encryption.min_contributors=30"],
+    )
+    check_run_data(alone, n_users=60, n_clients=44)
+
+
+def test_more_key_holders_than_clients_is_refused() -> None:
+    cfg = load_run_config(None, ["encryption.enabled=true", "encryption.key_holders=7"])
+
+    with pytest.raises(ConfigError, match="encryption.key_holders = 7 exceeds the 6 clients"):
+        check_run_data(cfg, n_users=938, n_clients=6)
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["encryption.key_holders=4", "encryption.threshold=2"], "more than half of key_holders"),
+        (["encryption.key_holders=3", "encryption.threshold=4"], "more than half of key_holders"),
+        (["encryption.key_holders=1"], "key_holders must be >= 2"),
+        (["encryption.min_contributors=1"], "min_contributors must be >= 2"),
+        (["encryption.mode='shared'"], "encryption.mode must be 'threshold' or 'single-key'"),
+    ],
+)
+def test_threshold_settings_that_cannot_work_are_refused(sets: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_run_config(None, ["encryption.enabled=true", *sets])
+
+
+def test_the_default_threshold_is_a_majority() -> None:
+    for holders, expected in ((2, 2), (3, 2), (4, 3), (5, 3), (9, 5)):
+        cfg = load_run_config(None, [f"encryption.key_holders={holders}"])
+        assert cfg.encryption.decryption_threshold == expected
+        assert cfg.encryption.mode == "threshold"
 
 
 def test_more_silos_than_training_users_is_refused() -> None:
@@ -222,7 +275,14 @@ def _tiny(synth_csv: Path, *sets: str) -> list[str]:
             "data.n_heldout_users=8",
             "server.sample_rate=0.5",
             "encryption.enabled=true",
+            "encryption.mode=single-key",
             "encryption.committee_size=50",
+        ],
+        [
+            "data.n_heldout_users=8",
+            "server.sample_rate=0.5",
+            "encryption.enabled=true",
+            "encryption.min_contributors=40",
         ],
     ],
 )
