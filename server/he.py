@@ -152,6 +152,11 @@ class CommitteeSum:
         record = msg.content.config_records.get(HE_RECORD)
         if record is None:
             return "reply has no encrypted update (plaintext refused in an encrypted run)"
+        return self._accumulate(msg, record)
+
+    def _accumulate(self, msg: Message, record: ConfigRecord) -> str | None:
+        """Check and add one reply's ciphertext (timed); the reason it was refused, or None."""
+        assert self._acc is not None, "begin() first"
         start = time.perf_counter()
         try:
             self._acc.add(from_record(record))

@@ -30,7 +30,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common.he import CiphertextRejectedError, ServerKeys, from_record, to_record
+from common.he import CiphertextRejectedError, ServerKeys, to_record
 from common.he.ceremony import CeremonyPlan, new_plan
 from common.he.codec import combine_sum
 from common.he.params import HEParams
@@ -405,14 +405,9 @@ class ThresholdSum(CommitteeSum):
             return f"repeated sender {client}: dropped"
         if any(u.digest == digest for u in self._uploads):
             return "repeated ciphertext: dropped"
-        start = time.perf_counter()
-        try:
-            self._acc.add(from_record(record))
-        except CiphertextRejectedError as err:
-            return f"ciphertext rejected ({err.reason.value}): {err}"
-        finally:
-            self._seconds[HE_AGGREGATE_SECONDS] += time.perf_counter() - start
-        self._contributors.append(msg.metadata.src_node_id)
+        problem = self._accumulate(msg, record)
+        if problem is not None:
+            return problem
         self._uploads.append(
             _Upload(
                 node=msg.metadata.src_node_id,
@@ -446,6 +441,18 @@ class ThresholdSum(CommitteeSum):
             result = None
         self._seconds[HE_DECRYPT_SECONDS] = time.perf_counter() - start
         return result
+
+    def _wave(
+        self, contents: Mapping[int, RecordDict], message_type: str, step: str
+    ) -> dict[int, Message]:
+        """One message per node for this slot's ``step``; the replies by node."""
+        return _send(
+            self.grid,
+            contents,
+            message_type=message_type,
+            timeout=self.timeout,
+            group=f"{self._slot}-{step}",
+        )
 
     def _tag_config(self, seeds_json: str, upload: _Upload) -> ConfigRecord:
         record = ConfigRecord(
@@ -487,13 +494,7 @@ class ThresholdSum(CommitteeSum):
             h.node: RecordDict({THRESHOLD_RECORD: ConfigRecord({**base, "step": "commit"})})
             for h in self.holders
         }
-        replies = _send(
-            self.grid,
-            commit,
-            message_type=THRESHOLD_MESSAGE_TYPE,
-            timeout=self.timeout,
-            group=f"{self._slot}-commit",
-        )
+        replies = self._wave(commit, THRESHOLD_MESSAGE_TYPE, "commit")
         seeds: dict[int, str] = {}
         refusals = []
         for h in self.holders:
@@ -519,13 +520,7 @@ class ThresholdSum(CommitteeSum):
             u.node: RecordDict({THRESHOLD_RECORD: self._tag_config(seeds_json, u)})
             for u in self._uploads
         }
-        tag_replies = _send(
-            self.grid,
-            tag_requests,
-            message_type=TAG_MESSAGE_TYPE,
-            timeout=self.timeout,
-            group=f"{self._slot}-tag",
-        )
+        tag_replies = self._wave(tag_requests, TAG_MESSAGE_TYPE, "tag")
         tags: dict[int, tuple[dict[str, list[int]], dict[str, str]]] = {}
         for u in self._uploads:
             record = _reply_record(tag_replies.get(u.node), f"tags of sender {u.client}")
@@ -569,13 +564,7 @@ class ThresholdSum(CommitteeSum):
             if cosign is not None:
                 records[COSIGN_REQUEST_RECORD] = cosign
             content[nodes[j]] = RecordDict(records)
-        replies = _send(
-            self.grid,
-            content,
-            message_type=THRESHOLD_MESSAGE_TYPE,
-            timeout=self.timeout,
-            group=f"{self._slot}-decrypt",
-        )
+        replies = self._wave(content, THRESHOLD_MESSAGE_TYPE, "decrypt")
         partials: dict[int, list[bytes]] = {}
         for j in committee:
             record = _reply_record(replies.get(nodes[j]), f"holder {j}'s partial decryption")

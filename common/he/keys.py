@@ -56,6 +56,7 @@ __all__ = [
     "init_keys",
     "load_client_context",
     "load_server_context",
+    "new_context",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,8 +135,8 @@ def fingerprint_of(context: ts.Context) -> str:
     return hashlib.sha256(_public_bytes(context)).hexdigest()
 
 
-def generate_keys(params: HEParams) -> ClientKeys:
-    """Make a fresh key pair in memory (tests and benchmarks; :func:`init_keys` writes one)."""
+def new_context(params: HEParams) -> ts.Context:
+    """A fresh TenSEAL CKKS context of ``params`` (with a key pair of its own), one thread."""
     context = ts.context(
         ts.SCHEME_TYPE.CKKS,
         poly_modulus_degree=params.poly_modulus_degree,
@@ -143,6 +144,12 @@ def generate_keys(params: HEParams) -> ClientKeys:
         n_threads=1,
     )
     context.global_scale = params.scale
+    return context
+
+
+def generate_keys(params: HEParams) -> ClientKeys:
+    """Make a fresh key pair in memory (tests and benchmarks; :func:`init_keys` writes one)."""
+    context = new_context(params)
     _check_context(context, params)
     return ClientKeys(context=context, params=params, fingerprint=fingerprint_of(context))
 

@@ -42,6 +42,7 @@ import tenseal as ts
 from tenseal import sealapi
 
 from common.he._seal import buffer
+from common.he.keys import new_context
 from common.he.params import HEParams
 from common.he.sealio import (
     CiphertextData,
@@ -294,13 +295,7 @@ def public_context(params: HEParams, public_key: bytes) -> ts.Context:
     key instead, and TenSEAL loads it back. ``ts.ckks_vector`` and SEAL's ``Encryptor`` then
     encrypt under the collective key unchanged.
     """
-    context = ts.context(
-        ts.SCHEME_TYPE.CKKS,
-        poly_modulus_degree=params.poly_modulus_degree,
-        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
-        n_threads=1,
-    )
-    context.global_scale = params.scale
+    context = new_context(params)
     blob = context.serialize(
         save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
     )

@@ -115,6 +115,11 @@ def test_deploy_local_survives_a_lost_device_and_refuses_an_unregistered_one(
     ledger = [json.loads(line) for line in (lb.run_dir / "ledger.jsonl").read_text().splitlines()]
     assert [r["participated"] for r in ledger if r.get("type") == "round"] == [3, 2, 2]
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    # Threshold mode: each device made and kept its own key share; nobody holds a whole key
+    for history in provisioned.histories:
+        share = history.parent / "keys" / "share.json"
+        assert share.exists() and share.stat().st_mode & 0o777 == 0o600
+    assert not list(tmp_path.rglob("client.ctx"))
     # The server kept no client rows; the devices kept their own records
     with np.load(lb.run_dir / "data" / "clients.npz") as z:
         assert z["train_indices"].size == 0 and z["rows"].size == 74  # sizes, not rows
