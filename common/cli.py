@@ -492,7 +492,10 @@ def _cmd_keys_ceremony(args: argparse.Namespace) -> int:
     out.print(f"fingerprint {fingerprint}  ({threshold}-of-{args.holders}, {params.name})")
     out.print(f"public (server and every sender): {args.out}")
     out.print(f"shares (one per holder, owner-only): {args.out / 'holders'}/<1..{args.holders}>")
-    out.print("this ran every holder in one process; in a run the ceremony runs among the devices")
+    out.print(
+        "this ran every holder in one process (to try the scheme and its share files); a run "
+        "makes its own key among its devices"
+    )
     return 0
 
 

@@ -182,3 +182,35 @@ def test_a_sealed_share_that_was_changed_in_transit_does_not_open() -> None:
             sealed={1: dealt[1][2], 2: dealt[2][2]},
             exchange_keys=exchange,
         )
+
+
+def test_cli_keys_ceremony_and_share(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.cli import main
+
+    # Execute
+    made = main(["keys", "ceremony", "--out", str(tmp_path / "k"), "--holders", "3"])
+    again = main(["keys", "ceremony", "--out", str(tmp_path / "k"), "--holders", "3"])
+    minority = main(
+        ["keys", "ceremony", "--out", str(tmp_path / "m"), "--holders", "4", "--threshold", "2"]
+    )
+    shown = main(
+        [
+            "keys",
+            "share",
+            str(tmp_path / "k" / "holders" / "2"),
+            "--public",
+            str(tmp_path / "k"),
+            "--json",
+        ]
+    )
+
+    # Assert
+    assert (made, again, minority, shown) == (0, 2, 2, 0)
+    out = capsys.readouterr().out
+    fingerprint = load_server_context(tmp_path / "k").fingerprint
+    assert f"fingerprint {fingerprint}" in out and "(2-of-3, threshold)" in out
+    info = json.loads(out[out.index("{") :])
+    assert info["index"] == 2 and info["threshold"] == 2 and info["fingerprint"] == fingerprint
+    assert info["checked_against_ceremony"] is True and info["ciphertexts_decrypted"] is None
+    assert "residues" not in info
+    assert not (tmp_path / "m").exists() or not is_threshold(tmp_path / "m")
