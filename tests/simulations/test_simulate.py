@@ -331,14 +331,20 @@ def test_example_level_dp_silos_run_dpsgd_and_the_ledger_verifies(
 
 
 def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, synth_csv: Path) -> None:
-    """HE on vs off, same seed, DP off: only the CKKS and flooding error separates them."""
+    """HE on (threshold and single-key) vs off, same seed, DP off: only the CKKS and flooding
+    error separates them."""
     cfg = _config(tmp_path / "tiny.toml", synth_csv)
     finals = {}
-    for name, enabled in (("he", "true"), ("plain", "false")):
+    runs = (
+        ("he", ["encryption.enabled=true"]),
+        ("single", ["encryption.enabled=true", "encryption.mode=single-key"]),
+        ("plain", ["encryption.enabled=false"]),
+    )
+    for name, sets in runs:
         run_dir = tmp_path / name
-        he = f"encryption.enabled={enabled}"
+        extra = [arg for s in sets for arg in ("--set", s)]
         proc = subprocess.run(
-            [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir), "--set", he],
+            [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir), *extra],
             capture_output=True,
             text=True,
             timeout=300,
@@ -348,17 +354,23 @@ def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, synth_csv: Path
     rounds = _rounds(tmp_path / "he")
     assert all(r["applied"] and not r["discarded"] for r in rounds)
     assert all(r["he_encrypt_seconds"] > 0 and r["he_decrypt_seconds"] > 0 for r in rounds)
-    keys = tmp_path / "he" / "keys"
-    assert {p.name for p in keys.iterdir()} >= {"client.ctx", "server.ctx", "fingerprint"}
+    keys = tmp_path / "he" / "keys"  # threshold mode: the run's ceremony, no whole key
+    assert {p.name for p in keys.iterdir()} >= {"ceremony.json", "server.ctx", "fingerprint"}
+    assert len(list((keys / "holders").glob("*/share.json"))) == 5
+    assert not list((tmp_path / "he").rglob("client.ctx"))
     # The models differ only by CKKS and flooding error, which FedAdam's per-coordinate
     # normalisation amplifies where an update is near 0 (by at most lr = 0.01 a round); NDCG@100
     # of the 8 test users is coarse (one swap of two near-tied items moves it by ~0.008).
-    he_model = load_checkpoint(tmp_path / "he" / "model.pt").state_dict
+    # single-key mode, kept for comparison: the operator's one secret key, a committee of 2
+    assert (tmp_path / "single" / "keys" / "client.ctx").exists()
+    assert all(r["applied"] for r in _rounds(tmp_path / "single"))
     plain_model = load_checkpoint(tmp_path / "plain" / "model.pt").state_dict
-    for key, plain in plain_model.items():
-        diff = (he_model[key] - plain).abs()
-        assert float(diff.mean()) < 1e-3 and float(diff.max()) <= 2 * 0.01 + 1e-6, key
-    assert abs(finals["he"]["ndcg@100"] - finals["plain"]["ndcg@100"]) < 0.02
+    for name in ("he", "single"):
+        he_model = load_checkpoint(tmp_path / name / "model.pt").state_dict
+        for key, plain in plain_model.items():
+            diff = (he_model[key] - plain).abs()
+            assert float(diff.mean()) < 1e-3 and float(diff.max()) <= 2 * 0.01 + 1e-6, key
+        assert abs(finals[name]["ndcg@100"] - finals["plain"]["ndcg@100"]) < 0.02
 
 
 def test_same_seed_same_run(tmp_path: Path, synth_csv: Path) -> None:

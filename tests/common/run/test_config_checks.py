@@ -198,8 +198,12 @@ def test_a_contributor_floor_above_a_low_cohort_is_refused() -> None:
     # threshold mode: 44 clients at q = 0.5 put about 15 in a low round; holders would refuse
     cfg = load_run_config(
         None,
-        ["data.n_heldout_users=8", "server.sample_rate=0.5", "encryption.enabled=true"]
-        + ["encryption.min_contributors=30"],
+        [
+            "data.n_heldout_users=8",
+            "server.sample_rate=0.5",
+            "encryption.enabled=true",
+            "encryption.min_contributors=30",
+        ],
     )
 
     with pytest.raises(ConfigError) as info:
@@ -210,8 +214,14 @@ def test_a_contributor_floor_above_a_low_cohort_is_refused() -> None:
     # the same floor passes when every client answers (a warm start alone: rounds = 0)
     alone = load_run_config(
         None,
-        ["data.n_heldout_users=8", "rounds=0", "warm_start.enabled=true"]
-        + ["warm_start.share=1.0", "encryption.enabled=true", "encryption.min_contributors=30"],
+        [
+            "data.n_heldout_users=8",
+            "rounds=0",
+            "warm_start.enabled=true",
+            "warm_start.share=1.0",
+            "encryption.enabled=true",
+            "encryption.min_contributors=30",
+        ],
     )
     check_run_data(alone, n_users=60, n_clients=44)
 
@@ -219,7 +229,7 @@ def test_a_contributor_floor_above_a_low_cohort_is_refused() -> None:
 def test_more_key_holders_than_clients_is_refused() -> None:
     cfg = load_run_config(None, ["encryption.enabled=true", "encryption.key_holders=7"])
 
-    with pytest.raises(ConfigError, match="encryption.key_holders = 7 exceeds the 6 clients"):
+    with pytest.raises(ConfigError, match=r"encryption\.key_holders = 7 exceeds the 6 clients"):
         check_run_data(cfg, n_users=938, n_clients=6)
 
 
