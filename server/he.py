@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 
 from common.he import (
     CiphertextRejectedError,
+    EncryptedSum,
     Layout,
     ServerKeys,
     SumAccumulator,
@@ -179,30 +180,14 @@ class CommitteeSum:
                 f"{self.committee_size}"
             )
             return None
-        start = time.perf_counter()
-        encrypted_sum = self._acc.result()
-        encrypted = to_record(encrypted_sum)
-        self._seconds[HE_AGGREGATE_SECONDS] += time.perf_counter() - start
+        encrypted_sum, encrypted = self._sealed_sum()
         content: dict[str, ConfigRecord] = {
             HE_SUM_RECORD: encrypted,
             CONFIG_RECORD: RoundConfig(self._round).to_record(),
         }
-        expected = None
-        if self._signing is not None and self._mechanism is not None:
-            request = cosign_request(
-                run_id=self._signing[0], server_key=self._signing[1], mechanism=self._mechanism
-            )
-            content[COSIGN_REQUEST_RECORD] = ConfigRecord(dict(request))
-            expected = statement_from_request(
-                request,
-                server_round=self._round,
-                contributors=encrypted_sum.n_updates,
-                sum_sha256=sum_digest(
-                    encrypted_sum.header.fingerprint,
-                    encrypted_sum.n_updates,
-                    encrypted_sum.chunks,
-                ),
-            )
+        cosign, expected = self._cosign_request(encrypted_sum)
+        if cosign is not None:
+            content[COSIGN_REQUEST_RECORD] = cosign
         rng = np.random.default_rng([self.seed, self._round, 3])
         # choose positions, not ids: Flower node ids are uint64 and numpy would make them float
         picks = rng.choice(len(self._contributors), self.committee_size, replace=False)
@@ -233,6 +218,35 @@ class CommitteeSum:
         if expected is not None:
             self._cosignatures = self._collect_cosignatures(replies, expected)
         return {k: v.astype(np.float64) for k, v in agreed.items()}
+
+    def _sealed_sum(self) -> tuple[EncryptedSum, ConfigRecord]:
+        """The encrypted sum and its record (the time it takes counts as aggregation)."""
+        assert self._acc is not None, "begin() first"
+        start = time.perf_counter()
+        encrypted_sum = self._acc.result()
+        record = to_record(encrypted_sum)
+        self._seconds[HE_AGGREGATE_SECONDS] += time.perf_counter() - start
+        return encrypted_sum, record
+
+    def _cosign_request(
+        self, encrypted_sum: EncryptedSum
+    ) -> tuple[ConfigRecord | None, dict[str, object] | None]:
+        """The co-signing request of a signed DP round and the statement members must sign, or
+        ``(None, None)`` when the round is not co-signed."""
+        if self._signing is None or self._mechanism is None:
+            return None, None
+        request = cosign_request(
+            run_id=self._signing[0], server_key=self._signing[1], mechanism=self._mechanism
+        )
+        expected = statement_from_request(
+            request,
+            server_round=self._round,
+            contributors=encrypted_sum.n_updates,
+            sum_sha256=sum_digest(
+                encrypted_sum.header.fingerprint, encrypted_sum.n_updates, encrypted_sum.chunks
+            ),
+        )
+        return ConfigRecord(dict(request)), expected
 
     def _collect_cosignatures(
         self, replies: Iterable[Message], expected: dict[str, object]

@@ -30,7 +30,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common.he import CiphertextRejectedError, ServerKeys, to_record
+from common.he import CiphertextRejectedError, ServerKeys
 from common.he.ceremony import CeremonyPlan, new_plan
 from common.he.codec import combine_sum
 from common.he.params import HEParams
@@ -41,14 +41,10 @@ from common.he.tags import chunks_digest, split_upload, upload_digest
 from common.he.threshold import ThresholdError, public_context
 from common.privacy.signing import (
     COSIGN_REQUEST_RECORD,
-    cosign_request,
-    statement_from_request,
-    sum_digest,
     verify_signature,
 )
 from common.protocol import (
     CONFIG_RECORD,
-    HE_AGGREGATE_SECONDS,
     HE_CEREMONY,
     HE_DECRYPT_SECONDS,
     HE_PUBLIC_CONTEXT,
@@ -429,10 +425,7 @@ class ThresholdSum(CommitteeSum):
                 f"{self.min_contributors}"
             )
             return None
-        start = time.perf_counter()
-        encrypted_sum = self._acc.result()
-        sum_record = to_record(encrypted_sum)
-        self._seconds[HE_AGGREGATE_SECONDS] += time.perf_counter() - start
+        encrypted_sum, sum_record = self._sealed_sum()
         start = time.perf_counter()
         try:
             result = self._release(encrypted_sum, sum_record)
@@ -528,21 +521,7 @@ class ThresholdSum(CommitteeSum):
         phases["tags"], clock = time.perf_counter() - clock, time.perf_counter()
         # 3. the committee checks the tags and decrypts
         content: dict[int, RecordDict] = {}
-        cosign: ConfigRecord | None = None
-        expected = None
-        if self._signing is not None and self._mechanism is not None:
-            request = cosign_request(
-                run_id=self._signing[0], server_key=self._signing[1], mechanism=self._mechanism
-            )
-            cosign = ConfigRecord(dict(request))
-            expected = statement_from_request(
-                request,
-                server_round=self._round,
-                contributors=encrypted_sum.n_updates,
-                sum_sha256=sum_digest(
-                    encrypted_sum.header.fingerprint, encrypted_sum.n_updates, encrypted_sum.chunks
-                ),
-            )
+        cosign, expected = self._cosign_request(encrypted_sum)
         nodes = {h.index: h.node for h in self.holders}
         for j in committee:
             own = [
