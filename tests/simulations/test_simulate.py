@@ -335,6 +335,10 @@ def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, synth_csv: Path
     error separates them."""
     cfg = _config(tmp_path / "tiny.toml", synth_csv)
     finals = {}
+    # FedAvg at lr 1: the global model moves by the decrypted mean itself. (FedAdam without bias
+    # correction divides by sqrt(v) ~ 0.03 |d| in round 1, so a near-zero coordinate whose sign
+    # the CKKS error flips moves by up to 3.2 lr either way: a bound too loose to test.)
+    fedavg = ["server.optimizer=fedavg", "server.lr=1.0"]
     runs = (
         ("he", ["encryption.enabled=true"]),
         ("single", ["encryption.enabled=true", "encryption.mode=single-key"]),
@@ -342,7 +346,7 @@ def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, synth_csv: Path
     )
     for name, sets in runs:
         run_dir = tmp_path / name
-        extra = [arg for s in sets for arg in ("--set", s)]
+        extra = [arg for s in [*fedavg, *sets] for arg in ("--set", s)]
         proc = subprocess.run(
             [*FEDREC, "simulate", "--config", str(cfg), "--out", str(run_dir), *extra],
             capture_output=True,
@@ -358,9 +362,9 @@ def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, synth_csv: Path
     assert {p.name for p in keys.iterdir()} >= {"ceremony.json", "server.ctx", "fingerprint"}
     assert len(list((keys / "holders").glob("*/share.json"))) == 5
     assert not list((tmp_path / "he").rglob("client.ctx"))
-    # The models differ only by CKKS and flooding error, which FedAdam's per-coordinate
-    # normalisation amplifies where an update is near 0 (by at most lr = 0.01 a round); NDCG@100
-    # of the 8 test users is coarse (one swap of two near-tied items moves it by ~0.008).
+    # The models differ only by CKKS and flooding error (and by round 2's local training from
+    # weights that differ by that error); NDCG@100 of the 8 test users is coarse (one swap of two
+    # near-tied items moves it by ~0.008).
     # single-key mode, kept for comparison: the operator's one secret key, a committee of 2
     assert (tmp_path / "single" / "keys" / "client.ctx").exists()
     assert all(r["applied"] for r in _rounds(tmp_path / "single"))
@@ -369,7 +373,7 @@ def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, synth_csv: Path
         he_model = load_checkpoint(tmp_path / name / "model.pt").state_dict
         for key, plain in plain_model.items():
             diff = (he_model[key] - plain).abs()
-            assert float(diff.mean()) < 1e-3 and float(diff.max()) <= 2 * 0.01 + 1e-6, key
+            assert float(diff.mean()) < 1e-4 and float(diff.max()) < 1e-3, (key, float(diff.max()))
         assert abs(finals[name]["ndcg@100"] - finals["plain"]["ndcg@100"]) < 0.02
 
 
