@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.checkpoint import Checkpoint, save_checkpoint
+from common.checkpoint import Checkpoint, model_provenance, save_checkpoint
 from common.data import Dataset, Split, load_dataset, split_strong_generalization
 from common.data.stats import cleaning_record
 from common.io import atomic_write_json
@@ -251,12 +251,15 @@ def run_central(
                 state_dict=model.state_dict(),
                 item_ids=item_ids,
                 item_titles=titles,
+                item_genres=[list(ds.item_genres[c]) for c in split.item_index.tolist()],
                 dataset={"name": ds.name, "sha256": ds.sha256},
                 metadata={
                     "trainer": "central",
                     "seed": cfg.seed,
                     "best_epoch": result.best_epoch,
                     "test": result.test,
+                    # trained centrally: no rounds, no privacy ledger
+                    **model_provenance(run_id=out_dir.name, last_round=None, ledger=None),
                 },
             ),
         )

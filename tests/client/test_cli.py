@@ -97,6 +97,19 @@ def test_recommend_skips_some_unknown_ids_with_a_warning(
     )
 
 
+def test_recommend_names_the_model_under_the_table(
+    model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: a checkpoint saved without provenance metadata
+    code = _fedrec(["recommend", "--model", str(model_file), "--history", "1,2", "-k", "2"])
+
+    # Assert
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].strip() == "top 2 for a history of 2 items"
+    assert lines[-1] == "model: provenance not recorded"
+
+
 @pytest.mark.parametrize("k", ["0", "-1", "ten"])
 def test_recommend_checks_k_as_an_argument(
     model_file: Path, k: str, capsys: pytest.CaptureFixture[str]
