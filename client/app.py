@@ -41,6 +41,7 @@ from client.he_mod import (
 from client.local import (
     LocalData,
     LocalUpdate,
+    adversary_labels,
     compute_update,
     diverged_update,
     local_metrics,
@@ -90,7 +91,7 @@ from common.protocol import (
     read_optional_int,
 )
 from common.rounds import split_seed, train_seed
-from common.run.config import RunConfig, load_run_config
+from common.run.config import RunConfig, load_run_config, run_model_config
 from common.run.folder import load_client_shard
 from common.warmstart import statistic
 
@@ -186,7 +187,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(release_reply(round_config, data, t0), reply_to=msg)
     server_round = round_config.server_round
     global_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
-    model_cfg = cfg.model.to_model_config(_n_items(global_state))
+    model_cfg = run_model_config(cfg, _n_items(global_state))
     t1 = time.perf_counter()
     seed = train_seed(cfg.seed, server_round, client_id)
     beta = round_config.require_beta()
@@ -199,8 +200,15 @@ def train(msg: Message, context: Context) -> Message:
             return Message(dpsgd, reply_to=msg)
         update, dpsgd_steps, dpsgd_sample_rate = dpsgd
     else:
+        labels = adversary_labels(cfg.fairness, _attributes(context, client_id), data.n_users)
         update = compute_update(
-            global_state, data, model_config=model_cfg, client=cfg.client, beta=beta, seed=seed
+            global_state,
+            data,
+            model_config=model_cfg,
+            client=cfg.client,
+            beta=beta,
+            seed=seed,
+            labels=labels,
         )
     if update.diverged is not None:  # nothing to send: the reason, counted as a failure
         return Message(Divergence(update.diverged).to_content(), reply_to=msg)
@@ -216,6 +224,16 @@ def train(msg: Message, context: Context) -> Message:
         dpsgd_sample_rate=dpsgd_sample_rate,
     ).to_record()
     return Message(RecordDict({ARRAYS_RECORD: arrays, METRICS_RECORD: metrics}), reply_to=msg)
+
+
+def _attributes(context: Context, client_id: int) -> dict[str, np.ndarray]:
+    """This client's own users' protected attributes, for the on-device adversary.
+
+    A simulated client reads its rows' from the run folder; a device has no attribute profile
+    yet (:mod:`client.store` reads only its history), so it trains without the adversary."""
+    if is_device(context):
+        return {}
+    return load_client_shard(Path(str(context.run_config["run-dir"])), client_id).attributes
 
 
 def release_reply(round_config: RoundConfig, data: LocalData, t0: float) -> RecordDict:
@@ -291,7 +309,7 @@ def _dpsgd_train(
         result = dpsgd_update(
             global_state,
             data.train,
-            model_config=cfg.model.to_model_config(_n_items(global_state)),
+            model_config=run_model_config(cfg, _n_items(global_state)),
             cfg=dp_cfg,
             beta=beta,
             seed=None,  # sampling and noise from OS entropy: the server knows the run's seed
@@ -440,7 +458,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this client's local held-out items."""
     cfg, _, data = _context(context)
     global_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
-    model_cfg = cfg.model.to_model_config(_n_items(global_state))
+    model_cfg = run_model_config(cfg, _n_items(global_state))
     metrics = EvalMetrics.read(local_metrics(global_state, data, model_config=model_cfg))
     return Message(RecordDict({METRICS_RECORD: metrics.to_record()}), reply_to=msg)
 

@@ -3,6 +3,10 @@
 A client never trains on its local held-out items: they are kept apart (deterministically, so
 every round sees the same split) to score the global model on the device itself.
 
+With ``[fairness] adversary`` set, the client also trains the model's adversary head on its own
+users' protected attribute (Adv-MultVAE, :func:`adversary_labels`); the attribute stays on the
+device, only the weights go into the update.
+
 Training that goes non-finite (a NaN or infinite loss, or update) sends nothing: the update comes
 back marked :attr:`LocalUpdate.diverged` with the reason, which the ClientApp replies with
 (:class:`common.protocol.Divergence`) and the server counts as a failed client.
@@ -21,16 +25,18 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common.fairness.attacker import attribute_labels
 from common.metrics import evaluate
 from common.model import ModelConfig, build_model
 from common.protocol import EVAL_USERS
-from common.run.config import ClientConfig
+from common.run.config import ClientConfig, FairnessConfig
 from common.training import score_users, train_epochs
 
 __all__ = [
     "LocalData",
     "LocalUpdate",
     "PlainSGD",
+    "adversary_labels",
     "compute_update",
     "diverged_update",
     "local_metrics",
@@ -158,6 +164,27 @@ def model_for(config: ModelConfig) -> nn.Module:
     return _MODELS[key]
 
 
+def adversary_labels(
+    fairness: FairnessConfig, attributes: Mapping[str, np.ndarray], n_users: int
+) -> np.ndarray | None:
+    """The adversary head's targets ``(n_users,)`` int64 for this client's users, or ``None``.
+
+    ``None`` without ``fairness.adversary``; else the class of each user's attribute
+    (:func:`common.fairness.attacker.attribute_labels`), ``-1`` where it is unknown. A client
+    that lacks the attribute altogether (a device without a profile) gets all ``-1``: it trains
+    the recommender as usual and neither the head nor the reversal moves.
+    """
+    if not fairness.adversary:
+        return None
+    values = attributes.get(fairness.adversary)
+    if values is None:
+        logger.warning("no %r attribute on this client: adversary not trained", fairness.adversary)
+        return np.full(n_users, -1, dtype=np.int64)
+    if len(values) != n_users:
+        raise ValueError(f"{len(values)} {fairness.adversary!r} values for {n_users} users")
+    return attribute_labels(fairness.adversary, values)
+
+
 def compute_update(
     global_state: dict[str, torch.Tensor],
     data: LocalData,
@@ -166,6 +193,7 @@ def compute_update(
     client: ClientConfig,
     beta: float,
     seed: int,
+    labels: np.ndarray | None = None,
 ) -> LocalUpdate:
     """Train the global model on the client's rows for ``client.local_epochs`` epochs.
 
@@ -173,8 +201,12 @@ def compute_update(
     updates and divides by the summed weight (pre-weighting keeps aggregation additive). Each
     step's gradient is clipped to ``client.max_grad_norm`` when set. A non-finite loss or
     update is not returned: the result is :func:`diverged_update` with the reason instead
-    (check :attr:`LocalUpdate.diverged`), never an exception.
+    (check :attr:`LocalUpdate.diverged`), never an exception. ``labels`` (``(n_users,)``
+    int64, ``-1`` unknown; :func:`adversary_labels`) train the adversary head of a model
+    config with ``adversary_classes > 0``; the delta then covers the head too.
     """
+    if labels is not None and model_config.adversary_classes == 0:
+        raise ValueError("labels given but model_config has no adversary head")
     model = model_for(model_config)
     model.load_state_dict(global_state)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -194,6 +226,7 @@ def compute_update(
             beta_schedule=lambda _step: beta,
             generator=torch.Generator().manual_seed(seed),
             max_grad_norm=client.max_grad_norm,
+            labels=labels,
         )
     except FloatingPointError as err:  # loss is inf at update 2
         seconds = time.perf_counter() - start

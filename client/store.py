@@ -319,7 +319,8 @@ def record_cosignature(
 def _save_global_model(
     files: DeviceFiles, msg: Message, cfg: RunConfig, items: tuple[str, ...]
 ) -> None:
-    from common.checkpoint import Checkpoint, save_checkpoint
+    from common.checkpoint import Checkpoint, model_provenance, save_checkpoint
+    from common.run.config import run_model_config
 
     record = msg.content.array_records.get(ARRAYS_RECORD)
     if record is None or RELEASE_STATISTIC in record:  # a warm-start release carries no model
@@ -329,10 +330,11 @@ def _save_global_model(
     config = msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())
     server_round = read_optional_int(config, SERVER_ROUND, record_name=CONFIG_RECORD) or 0
     evaluated = msg.metadata.message_type == MessageType.EVALUATE
+    after_round = server_round if evaluated else server_round - 1
     save_checkpoint(
         files.model,
         Checkpoint(
-            model_config=cfg.model.to_model_config(n_items).to_dict(),
+            model_config=run_model_config(cfg, n_items).to_dict(),
             state_dict=state,
             item_ids=list(items),
             item_titles=[""] * len(items),
@@ -342,7 +344,9 @@ def _save_global_model(
                 "run": cfg.name,
                 "flwr_run_id": int(msg.metadata.run_id),
                 # a train message carries the model before its round, an evaluate one after
-                "after_round": server_round if evaluated else server_round - 1,
+                "after_round": after_round,
+                # the server's ledger stays with the server: a device names the run and round
+                **model_provenance(run_id=cfg.name, last_round=after_round, ledger=None),
             },
         ),
     )

@@ -21,13 +21,14 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from common.model import VAEOutput, vae_loss
+from common.model import ModelConfig, VAEOutput, vae_loss
 
 __all__ = [
     "StepOptimizer",
     "TrainConfig",
     "TrainStats",
     "clip_grad_norm",
+    "latent_codes",
     "make_optimizer",
     "score_users",
     "train_epochs",
@@ -161,6 +162,7 @@ def train_epochs(
     start_step: int = 0,
     generator: torch.Generator | None = None,
     max_grad_norm: float | None = None,
+    labels: npt.NDArray[np.int64] | None = None,
 ) -> TrainStats:
     """Train ``model`` for ``epochs`` passes over the rows of ``data`` (Liang et al. 2018, alg. 1).
 
@@ -191,6 +193,10 @@ def train_epochs(
     max_grad_norm:
         Clip each update's mini-batch gradient to this L2 norm (:func:`clip_grad_norm`), a guard
         against divergence at a large learning rate; ``None`` does not clip.
+    labels:
+        ``(n_users,)`` int64 protected-attribute classes (``-1`` unknown), shuffled with the
+        rows: the adversary head's targets (Adv-MultVAE, :func:`common.model.adversary_loss`);
+        the model must have the head. ``None`` (default) trains without the adversary.
 
     Returns
     -------
@@ -216,7 +222,16 @@ def train_epochs(
     n_users = X.shape[0]
     if n_users == 0:
         raise ValueError("data has no rows to train on")
+    y = None
+    if labels is not None:
+        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))  # (n_users,)
+        if y.shape != (n_users,):
+            raise ValueError(f"labels must have shape ({n_users},), got {tuple(y.shape)}")
     device = _device_of(model)
+    model_cfg = getattr(getattr(model, "_module", model), "config", None)  # Opacus wraps it
+    class_weights: tuple[float, ...] = ()
+    if y is not None and isinstance(model_cfg, ModelConfig):
+        class_weights = model_cfg.adversary_class_weights
     model.train()
     step = start_step
     beta = 0.0
@@ -225,11 +240,13 @@ def train_epochs(
         for _ in range(epochs):
             perm = torch.randperm(n_users, generator=generator).numpy()  # (n_users,)
             for start in range(0, n_users, batch_size):
-                x = _dense_rows(X, perm[start : start + batch_size], device)  # (B, I)
+                batch = perm[start : start + batch_size]
+                x = _dense_rows(X, batch, device)  # (B, I)
+                yb = None if y is None else y[torch.from_numpy(batch)].to(device)  # (B,)
                 beta = 0.0 if beta_schedule is None else float(beta_schedule(step))
                 optimizer.zero_grad(set_to_none=True)
                 output: VAEOutput = model(x)
-                loss = vae_loss(output, x, beta=beta)
+                loss = vae_loss(output, x, beta=beta, labels=yb, class_weights=class_weights)
                 value = float(loss.item())
                 if not math.isfinite(value):  # before the step: the weights stay finite
                     raise FloatingPointError(f"loss is {value} at update {step}")
@@ -244,6 +261,33 @@ def train_epochs(
     )
     logger.debug("trained %d users: %s", n_users, stats)
     return stats
+
+
+def latent_codes(model: nn.Module, foldin: Sparse, *, batch_size: int = 1000) -> np.ndarray:
+    """Latent codes ``mu`` ``(n_users, d)`` float32 of each fold-in row, in evaluation mode.
+
+    What the encoder makes of a user's history (Liang et al. 2018: ``z = mu`` at evaluation);
+    the code an attacker would try to read a protected attribute from
+    (:func:`common.fairness.attacker.attacker_auc`). The training mode is restored afterwards.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    X = sp.csr_matrix(foldin, dtype=np.float32)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    codes: list[np.ndarray] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, X.shape[0], batch_size):
+                rows = np.arange(start, min(start + batch_size, X.shape[0]))
+                output: VAEOutput = model(_dense_rows(X, rows, device))
+                codes.append(output.mu.float().cpu().numpy())  # (B, d)
+    finally:
+        model.train(was_training)
+    if not codes:
+        raise ValueError("foldin has no rows")
+    return np.concatenate(codes)  # (n_users, d)
 
 
 def score_users(model: nn.Module, foldin: Sparse, *, batch_size: int = 1000) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from common.checkpoint import Checkpoint, save_checkpoint
+from common.checkpoint import Checkpoint, model_provenance, save_checkpoint
 from common.he import ParamSet, load_server_context
 from common.he.shares import is_threshold, load_transcript
 from common.model import ModelConfig, anneal_beta, build_model
@@ -44,7 +44,7 @@ from common.privacy.signing import (
 )
 from common.protocol import RoundConfig
 from common.rounds import RoundRecord, test_metrics
-from common.run.config import RunConfig
+from common.run.config import RunConfig, run_model_config
 from common.run.folder import EvalData, client_sizes, load_eval_data, n_clients_of
 from common.run.info import run_info_config
 from common.run.owner import config_hash
@@ -89,7 +89,7 @@ class _Run:
     def open(cls, run_dir: Path, cfg: RunConfig) -> _Run:
         """Resume from ``RUN_DIR/server_state.pt`` if it exists, else start at the seed's model."""
         data = load_eval_data(run_dir)
-        model_cfg = cfg.model.to_model_config(len(data.item_ids))
+        model_cfg = run_model_config(cfg, len(data.item_ids))  # with an adversary head, if any
         optimizer = make_server_optimizer(cfg.server)
         state_path = run_dir / STATE_FILE
         if state_path.exists():
@@ -502,6 +502,7 @@ def _finish(
             state_dict={k: torch.from_numpy(v) for k, v in weights.items()},
             item_ids=run.data.item_ids,
             item_titles=run.data.item_titles,
+            item_genres=run.data.item_genres,
             dataset=run.data.dataset,
             metadata={
                 "trainer": "federated",
@@ -509,6 +510,14 @@ def _finish(
                 "warm_start": run.warm_started,
                 "seed": cfg.seed,
                 "test": final["test"],
+                **model_provenance(
+                    run_id=run.dir.name,
+                    last_round=max(
+                        (int(r["round"]) for r in run.state.rounds if r.get("applied")),
+                        default=0,
+                    ),
+                    ledger=None if ledger is None else ledger.path,
+                ),
             },
         ),
     )

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from client.local import compute_update, split_local
 from common.model import build_model
-from common.run.config import load_run_config
+from common.run.config import load_run_config, run_model_config
 from common.run.folder import load_client_shard, load_eval_data
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def in_process_updates(run_dir: Path, n: int) -> float:
     after a short warm-up."""
     cfg = load_run_config(run_dir / "config.toml")
     data = load_eval_data(run_dir)
-    model_cfg = cfg.model.to_model_config(len(data.item_ids))
+    model_cfg = run_model_config(cfg, len(data.item_ids))
     state = build_model(model_cfg).state_dict()
     shards = [load_client_shard(run_dir, c) for c in range(n)]
     local = [

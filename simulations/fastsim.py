@@ -44,6 +44,11 @@ Two client engines compute step 3 (:class:`ClientEngine`):
     distribution as k separate shares. Agrees with ``exact`` to float32 rounding (the tests
     check it), at about a second for a cohort of 1,000 on one core.
 
+Both engines train the Adv-MultVAE adversary head of ``[fairness] adversary`` on each client's
+own user's attribute (``exact`` through :func:`client.local.adversary_labels`, ``batched``
+through :func:`simulations.cohort_batch.client_labels`): the head is one more set of linear
+layers in the batched pass, so the batched engine stays available with it.
+
 With DP off and the same seed the engine reproduces a Flower run's cohorts and metrics (checked
 by ``tests/simulations/test_fastsim.py``). With DP on, the noise comes from operating-system
 entropy in both, so single runs differ, but the mechanism, its parameters and the accounting are
@@ -68,7 +73,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -77,7 +82,8 @@ import numpy as np
 import torch
 
 from client.dp_mod import seeded_noise_rng
-from client.local import LocalData, compute_update, split_local
+from client.local import LocalData, adversary_labels, compute_update, split_local
+from common.checkpoint import Checkpoint, model_provenance, save_checkpoint
 from common.config import to_dict
 from common.io import atomic_write_json
 from common.model import ModelConfig, anneal_beta, build_model
@@ -99,12 +105,17 @@ from common.privacy.rounds import (
 )
 from common.privacy.signing import server_signer
 from common.rounds import RoundRecord, RoundStats, split_seed, test_metrics, train_seed
-from common.run.config import PrivacyMode, RunConfig, load_run_config
+from common.run.config import PrivacyMode, RunConfig, load_run_config, run_model_config
 from common.run.folder import load_client_shard, load_eval_data, n_clients_of
 from server.aggregation import apply_sum_inplace
 from server.optimizer import ServerOpt, cosine_lr_scale, make_server_optimizer
 from server.strategy import sample_cohort
-from simulations.cohort_batch import batched_unsupported, client_train_rows, cohort_update_sum
+from simulations.cohort_batch import (
+    batched_unsupported,
+    client_labels,
+    client_train_rows,
+    cohort_update_sum,
+)
 from simulations.warm_inprocess import warm_start_inprocess
 
 __all__ = [
@@ -142,12 +153,19 @@ class InProcessResult:
     client_engine: ClientEngine
     """The client engine that ran (never ``auto``)."""
     wall_seconds: float
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    """The final global weights (float32 by state-dict name), e.g. to read latent codes."""
 
 
 @lru_cache(maxsize=4096)
 def _local_data(run_dir: str, client_id: int, fraction: float, seed: int) -> LocalData:
     shard = load_client_shard(Path(run_dir), client_id)
     return split_local(shard.rows, fraction=fraction, seed=seed)
+
+
+@lru_cache(maxsize=4096)
+def _client_attributes(run_dir: str, client_id: int) -> dict[str, np.ndarray]:
+    return load_client_shard(Path(run_dir), client_id).attributes
 
 
 # ----------------------------------------------------------------------------- the run
@@ -205,6 +223,10 @@ class _Round:
             data = _local_data(
                 str(self.run_dir), cid, cfg.data.client_holdout_fraction, split_seed(cfg.seed, cid)
             )
+            labels = None
+            if cfg.fairness.adversary:  # the client's own users' attribute (Adv-MultVAE)
+                attributes = _client_attributes(str(self.run_dir), cid)
+                labels = adversary_labels(cfg.fairness, attributes, data.n_users)
             update = compute_update(
                 state,
                 data,
@@ -212,6 +234,7 @@ class _Round:
                 client=cfg.client,
                 beta=beta,
                 seed=train_seed(cfg.seed, server_round, cid),
+                labels=labels,
             )
             if update.diverged is not None:  # the ClientApp sends no update either
                 self.diverged.append(f"client {cid}: diverged: {update.diverged}")
@@ -255,6 +278,7 @@ class _Round:
             beta=beta,
             lr=cfg.client.lr,
             clip=None if plan is None else plan.clip,
+            labels=client_labels(self.run_dir, cohort, cfg.fairness),
         )
         if plan is None:
             return total, float(len(cohort))  # one user per client: weight 1 each
@@ -360,7 +384,8 @@ def run_inprocess(
     run_dir:
         Folder with ``data/`` written by :func:`common.run.folder.write_run_folder` for ``cfg``.
     out:
-        Where ``results.json`` (and with DP ``ledger.jsonl``) go; default ``run_dir``. An
+        Where ``results.json``, ``model.pt`` (and with DP ``ledger.jsonl``) go; default
+        ``run_dir``. An
         existing ledger there is replaced (the engine does not resume).
     engine:
         Client engine (see :class:`ClientEngine`).
@@ -385,7 +410,7 @@ def run_inprocess(
     out.mkdir(parents=True, exist_ok=True)
     engine = _resolve_engine(engine, cfg, run_dir)
     data = load_eval_data(run_dir)
-    model_cfg = cfg.model.to_model_config(len(data.item_ids))
+    model_cfg = run_model_config(cfg, len(data.item_ids))  # with the adversary head, if any
     optimizer: ServerOpt = make_server_optimizer(cfg.server)
     torch.manual_seed(cfg.seed)
     init = build_model(model_cfg, generator=torch.Generator().manual_seed(cfg.seed))
@@ -465,6 +490,30 @@ def run_inprocess(
             epsilon_rdp=final["privacy"]["epsilon_rdp"],
             epsilon_aggregator=final["privacy"]["epsilon_aggregator"],
         )
+    applied = [r["round"] for r in rounds if r.get("applied")]
+    save_checkpoint(
+        out / "model.pt",
+        Checkpoint(
+            model_config=model_cfg.to_dict(),
+            state_dict={k: torch.from_numpy(v) for k, v in weights.items()},
+            item_ids=data.item_ids,
+            item_titles=data.item_titles,
+            item_genres=data.item_genres,
+            dataset=data.dataset,
+            metadata={
+                "trainer": ENGINE_NAME,
+                "rounds": cfg.rounds,
+                "warm_start": warm is not None,
+                "seed": cfg.seed,
+                "test": final["test"],
+                **model_provenance(
+                    run_id=out.name,
+                    last_round=max(applied, default=0),
+                    ledger=None if ledger is None else out / "ledger.jsonl",
+                ),
+            },
+        ),
+    )
     wall = time.perf_counter() - start
     atomic_write_json(
         out / "results.json",
@@ -479,7 +528,9 @@ def run_inprocess(
             "wall_seconds": round(wall, 2),
         },
     )
-    return InProcessResult(rounds=rounds, final=final, client_engine=engine, wall_seconds=wall)
+    return InProcessResult(
+        rounds=rounds, final=final, client_engine=engine, wall_seconds=wall, weights=weights
+    )
 
 
 def main() -> None:

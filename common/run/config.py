@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from common.config import load_config, load_toml
 from common.errors import ConfigError
-from common.model import ModelConfig, ModelKind
+from common.model import AdversaryObjective, ModelConfig, ModelKind
 
 __all__ = [
+    "ADVERSARY_CLASSES",
     "COHORT_QUANTILE",
     "ClientConfig",
     "DataConfig",
     "EncryptionConfig",
+    "FairnessConfig",
     "ModelSection",
     "Partition",
     "PrivacyConfig",
@@ -34,9 +37,11 @@ __all__ = [
     "ServerOptimizer",
     "SimulationSection",
     "WarmStartConfig",
+    "check_fairness",
     "check_run_data",
     "expected_cohort_floor",
     "load_run_config",
+    "run_model_config",
 ]
 
 
@@ -424,6 +429,134 @@ class WarmStartConfig:
             )
 
 
+_ML100K_OCCUPATIONS = (
+    "administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
+    "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer",
+    "retired", "salesman", "scientist", "student", "technician", "writer",
+)  # fmt: skip
+"""ML-100K's ``u.occupation``: the 21 occupations of its README."""
+
+ADVERSARY_CLASSES: dict[str, tuple[str, ...]] = {
+    "gender": ("F", "M"),
+    "age": ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"),
+    "occupation": (*_ML100K_OCCUPATIONS, *(str(code) for code in range(21))),
+}
+"""The classes the adversary head predicts, per protected attribute: public configuration, never
+read from the data (a vocabulary learnt from the clients' values would leak them).
+
+``gender``: MovieLens' ``F`` and ``M``. ``age``: the seven ML-1M age groups (its README), to which
+ML-100K's ages in years are bucketed by the same bounds
+(:func:`common.fairness.metrics.age_bucket`).
+``occupation``: ML-100K's 21 occupation names followed by ML-1M's 21 occupation codes ``"0"`` to
+``"20"`` (both documented in the data sets' READMEs): one vocabulary for both, whose unused half
+the head learns to score low. A value outside the vocabulary counts as unknown."""
+
+
+ADVERSARY_PRIORS: dict[str, tuple[float, ...]] = {"gender": (0.28, 0.72)}
+"""Public class shares per protected attribute, for ``fairness.adversary_balance`` when
+``fairness.adversary_prior`` is not given: published figures, never read from the clients.
+``gender``: MovieLens' documented user tables, 273 of ML-100K's 943 users and 1,709 of ML-1M's
+6,040 are ``F`` (29% and 28%)."""
+
+
+@dataclass(frozen=True)
+class FairnessConfig:
+    """On-device adversarial debiasing (Adv-MultVAE, Ganhor et al. SIGIR 2022).
+
+    With ``adversary`` set, the model carries an adversary head that predicts that attribute
+    from the latent code through a gradient reversal; each client trains it on its own users'
+    attribute, which never leaves the device: only the weights do, averaged (and clipped, noised,
+    encrypted) like the rest.
+    """
+
+    adversary: str = ""
+    """Protected attribute the encoder is trained to hide: ``gender``, ``age`` or
+    ``occupation`` (classes in :data:`ADVERSARY_CLASSES`); ``""`` (default): no adversary."""
+    adversary_weight: float = 1.0
+    """lambda of the gradient reversal (> 0): the encoder descends the recommendation loss minus
+    lambda times the adversary's cross-entropy; the head descends the cross-entropy itself."""
+    adversary_hidden: int = 64
+    """Hidden width of the adversary MLP on the latent code (0: a linear head)."""
+    adversary_speed: float = 1.0
+    """How many times faster the adversary head learns than the rest under FedAdam (> 0; see
+    ``common.model.ModelConfig.adversary_speed``): a slow head is fooled by a flip of the
+    attribute's direction in the code, which a fresh attacker still reads."""
+    adversary_heads: int = 1
+    """Independent adversary heads (>= 1) whose cross-entropies are averaged: the encoder must
+    fool every one (``common.model.ModelConfig.adversary_heads``)."""
+    adversary_objective: str = "reverse"
+    """What the encoder does against the heads: ``reverse`` (default, the gradient reversal of
+    Adv-MultVAE) or ``confuse`` (push the heads' prediction to uniform; see
+    ``common.model.AdversaryObjective``)."""
+    adversary_balance: bool = False
+    """Weight each user's head cross-entropy by ``1 / (K p_c)`` for its class ``c``, with public
+    class shares ``p`` (``adversary_prior``, else :data:`ADVERSARY_PRIORS`): the rare class counts
+    as much as the common one, and an uninformative code makes a head predict uniform."""
+    adversary_prior: tuple[float, ...] = ()
+    """Public class shares for ``adversary_balance`` (one positive number per class, summing to
+    1); ``()`` (default): :data:`ADVERSARY_PRIORS` for the attribute."""
+
+    def __post_init__(self) -> None:
+        if self.adversary and self.adversary not in ADVERSARY_CLASSES:
+            raise ValueError(
+                f"fairness.adversary must be '' or one of {sorted(ADVERSARY_CLASSES)}, "
+                f"got {self.adversary!r}"
+            )
+        _positive("fairness.adversary_weight", self.adversary_weight)
+        _at_least("fairness.adversary_hidden", self.adversary_hidden, 0)
+        _positive("fairness.adversary_speed", self.adversary_speed)
+        _at_least("fairness.adversary_heads", self.adversary_heads, 1)
+        objectives = [o.value for o in AdversaryObjective]
+        if self.adversary_objective not in objectives:
+            raise ValueError(
+                f"fairness.adversary_objective must be one of {objectives}, "
+                f"got {self.adversary_objective!r}"
+            )
+        object.__setattr__(self, "adversary_prior", tuple(float(p) for p in self.adversary_prior))
+        prior = self.adversary_prior
+        if prior and (
+            not all(math.isfinite(p) and p > 0 for p in prior) or abs(sum(prior) - 1.0) > 1e-6
+        ):
+            raise ValueError(
+                f"fairness.adversary_prior must be positive shares summing to 1, got {list(prior)}"
+            )
+        if self.adversary and self.adversary_balance:
+            shares = prior or ADVERSARY_PRIORS.get(self.adversary, ())
+            if len(shares) != len(self.classes):
+                raise ValueError(
+                    f"fairness.adversary_balance needs fairness.adversary_prior: "
+                    f"{len(self.classes)} class shares for {self.adversary!r}"
+                )
+
+    @property
+    def class_weights(self) -> tuple[float, ...]:
+        """The heads' per-class weights ``1 / (K p_c)`` with ``adversary_balance``, else ``()``."""
+        if not (self.adversary and self.adversary_balance):
+            return ()
+        shares = self.adversary_prior or ADVERSARY_PRIORS[self.adversary]
+        return tuple(1.0 / (len(shares) * p) for p in shares)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The adversary's classes; empty without an adversary."""
+        return ADVERSARY_CLASSES.get(self.adversary, ())
+
+    def model_config(self, base: ModelConfig) -> ModelConfig:
+        """``base`` with this section's adversary head (unchanged without an adversary)."""
+        if not self.adversary:
+            return base
+        return replace(
+            base,
+            adversary_classes=len(self.classes),
+            adversary_hidden=self.adversary_hidden,
+            adversary_scale=self.adversary_weight,
+            adversary_speed=self.adversary_speed,
+            adversary_heads=self.adversary_heads,
+            adversary_class_weights=self.class_weights,
+            adversary_objective=AdversaryObjective(self.adversary_objective),
+        )
+
+
 @dataclass(frozen=True)
 class SimulationSection:
     """Flower simulation engine resources."""
@@ -476,6 +609,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:
@@ -528,6 +662,12 @@ class RunConfig:
                 "warm_start.enabled with privacy.mode = 'client' needs privacy.target_epsilon: "
                 "warm_start.share splits it between the releases and the rounds"
             )
+        if self.fairness.adversary and self.privacy.mode is PrivacyMode.EXAMPLE:
+            raise ValueError(
+                "fairness.adversary is not supported with privacy.mode = 'example': the DP-SGD "
+                "silos (client.dpsgd) train without the adversary's labels; use privacy.mode = "
+                "'client' or 'off'"
+            )
         if self.privacy.mode is PrivacyMode.EXAMPLE and self.client.optimizer != "sgd":
             raise ValueError(
                 "privacy.mode = 'example' runs DP-SGD (Opacus, plain SGD steps): set "
@@ -551,6 +691,38 @@ def load_run_config(path: Path | None, sets: list[str] | None = None) -> RunConf
     if path is not None and not load_toml(path):
         raise ConfigError(f"{path}: empty config file")
     return load_config(RunConfig, path, sets or [])
+
+
+def run_model_config(cfg: RunConfig, n_items: int) -> ModelConfig:
+    """The network every party of ``cfg`` builds for a catalogue of ``n_items``: the model
+    section's, with the fairness section's adversary head when one is configured."""
+    return cfg.fairness.model_config(cfg.model.to_model_config(n_items))
+
+
+def check_fairness(cfg: RunConfig, attributes: Collection[str]) -> None:
+    """Refuse an adversary for a user attribute the data set does not have.
+
+    Parameters
+    ----------
+    cfg:
+        The run.
+    attributes:
+        The user attributes of the data set (e.g. ``Dataset.user_features``' keys; empty when
+        it has no user file).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``fairness.adversary`` and the attributes the data has.
+    """
+    wanted = cfg.fairness.adversary
+    if wanted and wanted not in attributes:
+        have = ", ".join(sorted(attributes)) or "none"
+        raise ConfigError(
+            f"fairness.adversary = {wanted!r}: {cfg.data.dataset} has no user attribute "
+            f"{wanted!r} (its user attributes: {have})",
+            key="fairness.adversary",
+        )
 
 
 COHORT_QUANTILE = 0.025

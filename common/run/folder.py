@@ -9,6 +9,11 @@ In a simulation every virtual device's history comes from one data set. The runn
   item ids, read by the ServerApp for evaluation.
 - ``RUN_DIR/data/cleaning.json``: what cleaning dropped from the data file and why (bad rows
   by reason with their first ``file:line``, see :mod:`common.data.cleaning`).
+- ``RUN_DIR/data/users.json``: the protected attributes the data set gives its users (gender,
+  age, occupation) for the training rows, in ``clients.npz`` row order, and for the held-out
+  users. A simulated client reads only its own rows' (it trains an on-device adversary with
+  them, ``[fairness]``); the server reads only the held-out users', to measure the model per
+  user group. A real device knows its own attributes; none of them is ever sent.
 
 A real device (``fedrec client join``) has no such file: it reads its own history instead.
 
@@ -24,7 +29,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,11 +41,12 @@ from common.data import Dataset, Split, load_dataset, split_strong_generalizatio
 from common.data.stats import cleaning_record
 from common.errors import ConfigError
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from common.run.config import Partition, RunConfig, check_run_data
+from common.run.config import Partition, RunConfig, check_fairness, check_run_data
 from common.run.partition import ClientPartition, partition_users
 
 __all__ = [
     "DATA_FILE_MODE",
+    "PROTECTED_ATTRIBUTES",
     "RUN_DIR_MODE",
     "ClientShard",
     "EvalData",
@@ -50,6 +56,7 @@ __all__ = [
     "drop_client_rows",
     "load_client_shard",
     "load_eval_data",
+    "load_user_attributes",
     "n_clients_of",
     "prepare_run_data",
     "write_run_folder",
@@ -61,6 +68,8 @@ RUN_DIR_MODE = 0o700
 """Permissions of a run folder and its ``data/``: they hold every client's rows."""
 DATA_FILE_MODE = 0o600
 """Permissions of the files in ``RUN_DIR/data``."""
+PROTECTED_ATTRIBUTES = ("gender", "age", "occupation")
+"""The user attributes a run keeps (``data/users.json``), when the data set gives them."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,13 @@ class EvalData:
     test_foldin: sp.csr_matrix
     test_holdout: sp.csr_matrix
     dataset: dict[str, str]
+    item_genres: list[list[str]] = field(default_factory=list)
+    """Genres of each item (``[]`` per item when unknown); empty for a folder written before
+    genres were kept."""
+    validation_attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    """Attribute name -> ``(U_va,)`` str of the validation users, ``''`` unknown."""
+    test_attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    """Attribute name -> ``(U_te,)`` str of the test users, row-aligned with ``test_foldin``."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,8 @@ class ClientShard:
     client_id: int
     rows: sp.csr_matrix
     label: str
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    """Attribute name -> ``(n_users,)`` str of this client's own users, ``''`` unknown."""
 
     @property
     def n_users(self) -> int:
@@ -193,6 +211,7 @@ def build_run_data(cfg: RunConfig, *, cache_dir: Path | None = None) -> RunData:
         strict=cfg.data.strict,
     )
     check_run_data(cfg, n_users=ds.n_users)
+    check_fairness(cfg, [a for a in PROTECTED_ATTRIBUTES if a in ds.user_features])
     split = split_strong_generalization(ds, seed=cfg.seed, n_heldout_users=cfg.data.n_heldout_users)
     part = _partition(cfg, ds, split)
     check_run_data(cfg, n_users=ds.n_users, n_clients=part.n_clients)
@@ -231,10 +250,13 @@ def prepare_run_data(
     meta = {
         "item_ids": item_ids,
         "item_titles": [title_of.get(i, "") for i in item_ids],
+        "item_genres": [list(ds.item_genres[c]) for c in split.item_index.tolist()],
         "dataset": {"name": ds.name, "sha256": ds.sha256},
     }
     atomic_write_json(data_dir / "items.json", meta, mode=DATA_FILE_MODE)
     atomic_write_json(data_dir / "cleaning.json", cleaning_record(ds), mode=DATA_FILE_MODE)
+    atomic_write_json(data_dir / "users.json", _user_attributes(ds, split), mode=DATA_FILE_MODE)
+    _users_json.cache_clear()
     logger.info(
         "prepared %d clients from %d training users, %d items",
         part.n_clients,
@@ -247,6 +269,40 @@ def prepare_run_data(
         n_items=int(split.train.shape[1]),
         dataset={"name": ds.name, "sha256": ds.sha256},
     )
+
+
+def _user_attributes(ds: Dataset, split: Split) -> dict[str, dict[str, list[str]]]:
+    """:data:`PROTECTED_ATTRIBUTES` of the training rows and of the held-out users."""
+    row_of = {u: i for i, u in enumerate(ds.user_ids.tolist())}
+    names = [a for a in PROTECTED_ATTRIBUTES if a in ds.user_features]
+    out: dict[str, dict[str, list[str]]] = {}
+    for part, users in (
+        ("train", split.train_users),
+        ("validation", split.validation_users),
+        ("test", split.test_users),
+    ):
+        rows = [row_of[u] for u in users.tolist()]
+        out[part] = {a: ds.user_features[a][rows].tolist() for a in names}
+    return out
+
+
+@lru_cache(maxsize=4)
+def _users_json(path: str) -> dict[str, dict[str, np.ndarray]]:
+    file = Path(path)
+    if not file.is_file():  # a folder written before attributes were kept
+        return {}
+    raw = json.loads(file.read_text())
+    return {
+        part: {a: np.asarray(v, dtype=str) for a, v in attrs.items()} for part, attrs in raw.items()
+    }
+
+
+def load_user_attributes(run_dir: Path, part: str) -> dict[str, np.ndarray]:
+    """Attribute name -> ``(n,)`` str of ``part`` (``train``, ``validation`` or ``test``) users.
+
+    Training rows are in ``clients.npz`` row order. Empty when the data set has no user file.
+    """
+    return dict(_users_json(str(Path(run_dir) / "data" / "users.json")).get(part, {}))
 
 
 @lru_cache(maxsize=4)
@@ -265,7 +321,10 @@ def load_client_shard(run_dir: Path, client_id: int) -> ClientShard:
     if not 0 <= client_id < n_clients:
         raise ValueError(f"client_id {client_id} is outside 0..{n_clients - 1}")
     mine = rows[offsets[client_id] : offsets[client_id + 1]]
-    return ClientShard(client_id=client_id, rows=train[mine], label=labels[client_id])
+    attributes = {a: v[mine] for a, v in load_user_attributes(run_dir, "train").items()}
+    return ClientShard(
+        client_id=client_id, rows=train[mine], label=labels[client_id], attributes=attributes
+    )
 
 
 def client_sizes(run_dir: Path) -> list[int]:
@@ -281,7 +340,8 @@ def n_clients_of(run_dir: Path) -> int:
 
 
 def drop_client_rows(run_dir: Path) -> None:
-    """Empty the training rows of ``clients.npz``, keeping the partition's sizes.
+    """Empty the training rows of ``clients.npz`` (and drop their attributes), keeping the
+    partition's sizes.
 
     For a deployment: devices read their own histories, and the server keeps only the public
     metadata it plans privacy with (how many clients, how many users each).
@@ -293,6 +353,11 @@ def drop_client_rows(run_dir: Path) -> None:
     empty = sp.csr_matrix(shape, dtype=np.float32)
     _save_npz(path, **_csr_arrays("train", empty), offsets=offsets, rows=rows)
     _client_arrays.cache_clear()
+    users = path.parent / "users.json"
+    if users.is_file():  # the devices' own attributes stay on the devices
+        held_out = {k: v for k, v in json.loads(users.read_text()).items() if k != "train"}
+        atomic_write_json(users, held_out, mode=DATA_FILE_MODE)
+        _users_json.cache_clear()
 
 
 def load_eval_data(run_dir: Path) -> EvalData:
@@ -308,6 +373,9 @@ def load_eval_data(run_dir: Path) -> EvalData:
         item_ids=list(meta["item_ids"]),
         item_titles=list(meta["item_titles"]),
         dataset=dict(meta["dataset"]),
+        item_genres=[list(g) for g in meta.get("item_genres", [])],
+        validation_attributes=load_user_attributes(run_dir, "validation"),
+        test_attributes=load_user_attributes(run_dir, "test"),
         **parts,
     )
 

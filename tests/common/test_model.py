@@ -182,7 +182,8 @@ def _per_sample_grads_from_loop(model: nn.Module, x: torch.Tensor, seed: int) ->
     torch.manual_seed(seed)
     rows = []
     out = model(x)
-    losses = [vae_loss(VAEOutput(*(t[i : i + 1] for t in out)), x[i : i + 1], beta=0.3)
+    losses = [vae_loss(VAEOutput(*(None if t is None else t[i : i + 1] for t in out)),
+                       x[i : i + 1], beta=0.3)
               for i in range(x.shape[0])]  # fmt: skip
     for loss in losses:
         grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)

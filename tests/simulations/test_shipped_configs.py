@@ -61,8 +61,13 @@ def ml100k() -> str:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A stand-in for a data set a config names but the repository does not ship."""
-    return synthesize(1200, 400, seed=5, out_dir=tmp_path_factory.mktemp("synth"))
+    """A stand-in for a data set a config names but the repository does not ship, its users
+    given a gender (for a config that trains the gender adversary)."""
+    path = synthesize(1200, 400, seed=5, out_dir=tmp_path_factory.mktemp("synth"))
+    users = (path.parent / "users.csv").read_text().splitlines()
+    rows = [f"{line},{'FM'[k % 2]}" for k, line in enumerate(users[1:])]
+    (path.parent / "users.csv").write_text("\n".join([users[0] + ",gender", *rows]) + "\n")
+    return path
 
 
 def _warm_alone(path: Path) -> bool:
