@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -25,7 +26,14 @@ from common.rounds import TEST_METRICS
 from common.run.folder import load_eval_data
 from simulations.cohort_batch import population_rows
 
-__all__ = ["EASE", "EASE_LAMBDAS", "Popularity", "baselines_on_split"]
+__all__ = [
+    "EASE",
+    "EASE_LAMBDAS",
+    "FittedBaselines",
+    "Popularity",
+    "baselines_on_split",
+    "fit_baselines",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -153,30 +161,28 @@ def _test_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(metrics[k]) for k in TEST_METRICS}
 
 
-def baselines_on_split(
+@dataclass(frozen=True)
+class FittedBaselines:
+    """Popularity and EASE fitted on a run's training rows (:func:`fit_baselines`)."""
+
+    train: sp.csr_matrix
+    """``(n_train_users, n_items)``: the rows every client holds, in client order."""
+    popularity: Popularity
+    ease: EASE
+    lam: float
+    """EASE's ``lambda``, the best of the grid by validation NDCG@100."""
+    validation: dict[str, float]
+    """Validation NDCG@100 of EASE by ``lambda`` (``f"{lam:g}"``)."""
+
+
+def fit_baselines(
     run_dir: Path, *, lambdas: Sequence[float] = EASE_LAMBDAS
-) -> dict[str, Any] | None:
-    """Popularity and EASE on a prepared run's split, scored like the federated model.
+) -> FittedBaselines | None:
+    """Fit popularity and EASE on a prepared run's training rows (``RUN_DIR/data/clients.npz``).
 
-    Both fit on the training rows the run's clients hold (``RUN_DIR/data/clients.npz``) and are
-    scored with :func:`common.metrics.evaluate` on the run's held-out test users
-    (``RUN_DIR/data/eval.npz``), the users the federated model's ``final.test`` is scored on.
-    EASE's ``lambda`` is the best of ``lambdas`` by NDCG@100 on the validation users.
-
-    Parameters
-    ----------
-    run_dir:
-        A prepared run folder (:func:`common.run.folder.write_run_folder`).
-    lambdas:
-        EASE regularisation grid, each > 0.
-
-    Returns
-    -------
-    dict or None
-        ``{"split": {...user and item counts}, "popularity": {"label", "test"},
-        "ease": {"label", "lambda", "validation_ndcg@100", "test"}}``, each ``test`` holding
-        :data:`common.rounds.TEST_METRICS`; ``None`` when the folder holds no training rows
-        (a deployment's server keeps only the partition's sizes).
+    EASE's ``lambda`` is the best of ``lambdas`` by NDCG@100 on the run's validation users.
+    ``None`` when the folder holds no training rows (a deployment's server keeps only the
+    partition's sizes).
 
     Raises
     ------
@@ -191,9 +197,6 @@ def baselines_on_split(
         logger.warning("%s: no training rows in the run folder; baselines skipped", run_dir)
         return None
     data = load_eval_data(run_dir)
-    popularity = Popularity().fit(train)
-    pop_test = evaluate(popularity.score, data.test_foldin, data.test_holdout)
-
     gram = _gram(train)
     validation: dict[str, float] = {}
     best: tuple[float, float] | None = None  # (validation NDCG@100, lambda)
@@ -207,8 +210,49 @@ def baselines_on_split(
             best = (ndcg, lam)
     assert best is not None
     lam = best[1]
-    ease = EASE(lam=lam).fit_gram(gram)
-    ease_test = evaluate(ease.score, data.test_foldin, data.test_holdout)
+    return FittedBaselines(
+        train=train,
+        popularity=Popularity().fit(train),
+        ease=EASE(lam=lam).fit_gram(gram),
+        lam=lam,
+        validation=validation,
+    )
+
+
+def baselines_on_split(
+    run_dir: Path,
+    *,
+    lambdas: Sequence[float] = EASE_LAMBDAS,
+    fitted: FittedBaselines | None = None,
+) -> dict[str, Any] | None:
+    """Popularity and EASE on a prepared run's split, scored like the federated model.
+
+    Both fit on the training rows the run's clients hold (:func:`fit_baselines`, unless
+    ``fitted`` is given) and are scored with :func:`common.metrics.evaluate` on the run's held-out
+    test users (``RUN_DIR/data/eval.npz``), the users the federated model's ``final.test`` is
+    scored on.
+
+    Returns
+    -------
+    dict or None
+        ``{"split": {...user and item counts}, "popularity": {"label", "test"},
+        "ease": {"label", "lambda", "validation_ndcg@100", "test"}}``, each ``test`` holding
+        :data:`common.rounds.TEST_METRICS`; ``None`` when the folder holds no training rows.
+
+    Raises
+    ------
+    ValueError
+        If ``lambdas`` is empty.
+    """
+    run_dir = Path(run_dir)
+    if fitted is None:
+        fitted = fit_baselines(run_dir, lambdas=lambdas)
+    if fitted is None:
+        return None
+    data = load_eval_data(run_dir)
+    train, lam, validation = fitted.train, fitted.lam, fitted.validation
+    pop_test = evaluate(fitted.popularity.score, data.test_foldin, data.test_holdout)
+    ease_test = evaluate(fitted.ease.score, data.test_foldin, data.test_holdout)
     logger.info(
         "baselines on the run's test users: popularity NDCG@100 %.4f, EASE (lambda %g) %.4f",
         pop_test["ndcg@100"],

@@ -5,9 +5,9 @@
 The top of the layers: :func:`build_parser` gathers every layer's commands (:mod:`common.cli`:
 ``data``, ``audit verify``, ``keys``; :mod:`client.cli`: ``recommend``, ``client join``;
 :mod:`server.deploy.cli`: ``deploy``) and adds the ones that drive simulations and benchmarks
-from this package: ``simulate``, ``train-central``, ``bench he`` and ``audit empirical`` (into
-the ``audit`` group that :mod:`common.cli` creates). ``python -m simulations.cli`` is the same as
-``fedrec``.
+from this package: ``simulate``, ``train-central``, ``bench he``, ``report fairness`` and
+``audit empirical`` (into the ``audit`` group that :mod:`common.cli` creates).
+``python -m simulations.cli`` is the same as ``fedrec``.
 """
 
 from __future__ import annotations
@@ -183,6 +183,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from common.errors import ConfigError
     from common.run.config import load_run_config
     from simulations.report import write_report
+    from simulations.report.fairness import fairness_summary
     from simulations.runner import (
         central_reference,
         claim_run_dir,
@@ -322,6 +323,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     report = write_report(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
     out.print(results_table(results, name=cfg.name, rounds=cfg.rounds))
+    if results.get("fairness"):
+        out.print(fairness_summary(results["fairness"]))
     final = results["final"]["test"]
     baselines = results.get("baselines") or {}
     pop = (baselines.get("popularity") or {}).get("test", {}).get("ndcg@100")
@@ -547,6 +550,62 @@ def _cmd_bench_he(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------- parser
 
 
+def _cmd_report_fairness(args: argparse.Namespace) -> int:
+    from common.io import atomic_write_json
+    from simulations.baselines import fit_baselines
+    from simulations.fairness import fairness_of_run
+    from simulations.report import write_report
+    from simulations.report.fairness import fairness_tables
+    from simulations.report.results import load_results
+    from simulations.runner import model_labels
+
+    run_dir = Path(args.run)
+    results = load_results(run_dir)
+    fairness = results.get("fairness")
+    if not fairness or args.recompute:
+        if not (run_dir / "model.pt").is_file():
+            raise FedrecError(f"{run_dir / 'model.pt'}: not found (the run saved no model)")
+        with activity(f"measuring {run_dir}'s models per user group"):
+            fitted = fit_baselines(run_dir)
+            fairness = fairness_of_run(
+                run_dir, baselines=fitted, labels=model_labels(results), seed=args.seed
+            )
+        results["fairness"] = fairness
+        atomic_write_json(run_dir / "results.json", results)
+        write_report(run_dir)
+    if args.json:
+        sys.stdout.write(json.dumps(fairness, indent=2) + "\n")
+        return 0
+    out = Console()
+    for table in fairness_tables(fairness or {}, metric=args.metric):
+        out.print(table)
+    return 0
+
+
+def _add_report(sub: Subparsers) -> None:
+    report = sub.add_parser("report", help="what a finished run did, in detail")
+    rsub = report.add_subparsers(dest="report", required=True, metavar="WHAT")
+    p = rsub.add_parser(
+        "fairness",
+        help="accuracy per user group, exposure, genre calibration and the attacker's AUC",
+    )
+    p.add_argument("run", metavar="RUN", help="a finished run folder (fedrec simulate --out)")
+    p.add_argument("--json", action="store_true", help="print results.json's fairness as JSON")
+    p.add_argument(
+        "--metric",
+        choices=("ndcg@100", "recall@20"),
+        default="ndcg@100",
+        help="the per-group metric of the tables",
+    )
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="measure again (and rewrite results.json and report.html) even if measured",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the attacker")
+    p.set_defaults(handler=_cmd_report_fairness)
+
+
 def _add_train_central(sub: Subparsers) -> None:
     p = sub.add_parser("train-central", help="train a recommender centrally (the reference)")
     p.add_argument(
@@ -659,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_empirical(add_audit_commands(sub))  # audit verify (common), audit empirical
     add_keys_commands(sub)
     _add_bench(sub)
+    _add_report(sub)
     add_client_commands(sub)  # recommend, client join
     add_deploy_commands(sub)
     return parser

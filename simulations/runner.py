@@ -442,18 +442,37 @@ def finish_results(run_dir: Path, *, wall_seconds: float, reference: dict[str, A
 
     Adds the wall time, the centralized reference (``None`` when not run), the popularity and
     EASE baselines on the run's own held-out test users
-    (:func:`simulations.baselines.baselines_on_split`; ``None`` without training rows) and the
-    :func:`provenance` of the code.
+    (:func:`simulations.baselines.baselines_on_split`; ``None`` without training rows), every
+    model's fairness, exposure and calibration (:func:`simulations.fairness.fairness_of_run`)
+    and the :func:`provenance` of the code.
     """
-    from simulations.baselines import baselines_on_split
+    from simulations.baselines import baselines_on_split, fit_baselines
+    from simulations.fairness import fairness_of_run
 
     path = run_dir / "results.json"
     results = json.loads(path.read_text())
     results["wall_seconds"] = round(wall_seconds, 2)
     results["reference"] = reference
-    results["baselines"] = baselines_on_split(run_dir)
+    fitted = fit_baselines(run_dir)
+    results["baselines"] = baselines_on_split(run_dir, fitted=fitted)
+    results["fairness"] = fairness_of_run(run_dir, baselines=fitted, labels=model_labels(results))
     results["provenance"] = provenance()
     atomic_write_json(path, results)
+
+
+def model_labels(results: dict[str, Any]) -> dict[str, str]:
+    """Display names of a run's models by key (``federated``, ``popularity``, ``ease``,
+    ``centralized``), as the results table names them."""
+    warm = results.get("warm_start")
+    rounds = (results.get("config") or {}).get("rounds")
+    labels = {"federated": "warm start only" if warm and rounds == 0 else "federated"}
+    for key in ("popularity", "ease"):
+        entry = (results.get("baselines") or {}).get(key)
+        if entry:
+            labels[key] = str(entry["label"])
+    if results.get("reference"):
+        labels["centralized"] = str(results["reference"]["label"])
+    return labels
 
 
 def central_reference(cfg: RunConfig, run_dir: Path, *, cache_dir: Path | None) -> dict[str, Any]:

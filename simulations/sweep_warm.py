@@ -12,6 +12,11 @@ points and baselines are scored on the same held-out test users:
   reference;
 - popularity and EASE on the same split (:func:`simulations.baselines.baselines_on_split`).
 
+Every point also reports test NDCG@100 per user group (gender, age, occupation where the data set
+has them, activity quartile) and the largest gap between two groups
+(:func:`simulations.fairness.group_gaps`; DP is known to cost minority groups more, Bagdasaryan
+et al. 2019); ``OUT/sweep.md`` adds a table of the gaps.
+
 Writes ``OUT/sweep.json``, ``OUT/sweep.md`` (the table) and ``OUT/privacy_utility.png``::
 
     python -m simulations.sweep_privacy --datasets ml-100k ml-1m pinterest-20 \\
@@ -38,8 +43,9 @@ from rich.table import Table
 
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.run.config import load_run_config
-from common.run.folder import write_run_folder
+from common.run.folder import load_eval_data, write_run_folder
 from simulations.baselines import baselines_on_split
+from simulations.fairness import group_gaps
 from simulations.fastsim import run_inprocess
 
 __all__ = ["DATASET_CONFIGS", "run_dataset_sweep"]
@@ -77,7 +83,28 @@ def _run(config: Path, run_dir: Path, out: Path, sets: list[str]) -> dict[str, A
     if privacy is not None:
         point["epsilon"] = privacy["epsilon"]
         point["noise_multiplier"] = privacy["noise_multiplier"]
+    if (out / "model.pt").is_file():
+        point["groups"] = group_gaps(out / "model.pt", load_eval_data(run_dir))
     return point
+
+
+def _mean_groups(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per attribute, each group's NDCG@100 and the largest gap, averaged over the runs."""
+    out: dict[str, Any] = {}
+    for name in runs[0].get("groups") or {}:
+        entries = [r["groups"][name] for r in runs if name in (r.get("groups") or {})]
+        groups = {
+            g: float(np.mean([e["groups"][g] for e in entries if g in e["groups"]]))
+            for g in entries[0]["groups"]
+        }
+        out[name] = {
+            "groups": groups,
+            "gap": float(np.mean([e["gap"] for e in entries])),
+            "gap_runs": [e["gap"] for e in entries],
+            "high": max(groups, key=lambda g: groups[g]),
+            "low": min(groups, key=lambda g: groups[g]),
+        }
+    return out
 
 
 def _mean_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -91,6 +118,8 @@ def _mean_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
     point["ndcg@100_runs"] = [float(v) for v in values]
     if "epsilon" in runs[0]:
         point["epsilon"] = max(r["epsilon"] for r in runs)
+    if runs[0].get("groups"):
+        point["groups"] = _mean_groups(runs)
     return point
 
 
@@ -178,7 +207,31 @@ def markdown_table(results: dict[str, Any]) -> str:
         for key in ("popularity", "ease"):
             cells.append(f"{b[key]['test']['ndcg@100']:.4f}" if key in b else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + gap_table(results)
+
+
+def gap_table(results: dict[str, Any]) -> str:
+    """The largest test NDCG@100 gap between two user groups, per data set, attribute and point
+    (best group > worst group); empty when no point measured groups."""
+    blocks: list[str] = []
+    for name, entry in results["datasets"].items():
+        points = [(_eps_label(p["target_epsilon"]), p) for p in entry["points"]]
+        points.append(("federated, no DP", entry.get("federated_no_dp") or {}))
+        attributes = list(entry["points"][0].get("groups") or {}) if entry["points"] else []
+        if not attributes:
+            continue
+        head = ["data", "attribute", *[label for label, _ in points]]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for attribute in attributes:
+            cells = [name, attribute]
+            for _, p in points:
+                g = (p.get("groups") or {}).get(attribute)
+                cells.append(f"{g['gap']:.4f} ({g['high']} > {g['low']})" if g else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    if not blocks:
+        return ""
+    return "\nLargest test NDCG@100 gap between user groups\n\n" + "\n\n".join(blocks) + "\n"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -231,7 +284,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def print_table(results: dict[str, Any]) -> None:
     """The sweep as a terminal table."""
     table = Table(title="test NDCG@100: DP warm start (in-process engine) and baselines")
-    text = markdown_table(results).splitlines()
+    text = markdown_table(results).split("\n\n")[0].splitlines()  # the first table
     for col in text[0].strip("|").split("|"):
         table.add_column(col.strip(), justify="right")
     for line in text[2:]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.io import atomic_write_text
+from simulations.report.fairness import fairness_section
 from simulations.report.markup import _CSS, _digits, _e, _fmt, _fmt_mb, _img, _ratio, _table
 from simulations.report.plots import plot_cost, plot_epsilon, plot_metrics
 from simulations.report.privacy import _privacy_section
@@ -446,6 +447,7 @@ def write_report(run_dir: Path) -> Path:
             '<section id="plots"><h2>Plots</h2>',
             *images,
             "</section>",
+            fairness_section(results, run_dir),
             _rounds_section(results),
             _config_section(results),
             _provenance_section(results),

@@ -32,6 +32,7 @@ def test_help_lists_every_layers_commands_in_order() -> None:
         "audit",
         "keys",
         "bench",
+        "report",
         "recommend",
         "client",
         "deploy",
