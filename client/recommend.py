@@ -31,7 +31,7 @@ from torch import nn
 
 from common.checkpoint import Checkpoint, load_checkpoint, provenance_of
 from common.errors import DataError
-from common.fairness.metrics import genre_matrix, genre_mix, miscalibration
+from common.fairness.genres import genre_matrix, genre_mix, miscalibration
 from common.fairness.rerank import RerankKind, calibrated_rerank, mmr_rerank
 from common.model import ModelConfig, MultDAE, MultVAE, build_model
 
@@ -95,7 +95,7 @@ class RerankReport:
         (largest first, genres with a share of 0 left out).
     kl_before, kl_after:
         Miscalibration ``KL(p || q~)`` (Steck 2018, eqs. 3-4; ``p`` the history's mix, ``q``
-        the list's, :func:`common.fairness.metrics.miscalibration`) of the model's top k and of
+        the list's, :func:`common.fairness.genres.miscalibration`) of the model's top k and of
         the re-ranked list, nats; ``None`` when the history has no genres.
     """
 

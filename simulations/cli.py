@@ -568,7 +568,11 @@ def _cmd_report_fairness(args: argparse.Namespace) -> int:
         with activity(f"measuring {run_dir}'s models per user group"):
             fitted = fit_baselines(run_dir)
             fairness = fairness_of_run(
-                run_dir, baselines=fitted, labels=model_labels(results), seed=args.seed
+                run_dir,
+                baselines=fitted,
+                labels=model_labels(results),
+                adversary=(results.get("config") or {}).get("fairness"),
+                seed=args.seed,
             )
         results["fairness"] = fairness
         atomic_write_json(run_dir / "results.json", results)

@@ -34,14 +34,9 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.fairness.attacker import attacker_auc, latent_codes
-from common.fairness.metrics import (
-    GAP_MIN_USERS,
-    age_bucket,
-    assess,
-    genre_matrix,
-    group_table,
-    user_groups,
-)
+from common.fairness.genres import genre_matrix
+from common.fairness.groups import GAP_MIN_USERS, age_bucket, group_table, user_groups
+from common.fairness.metrics import assess
 from common.fairness.rerank import tradeoff_curve
 from common.metrics import mask_foldin_inplace, ndcg_at_k
 from common.model import ModelConfig, build_model
@@ -107,6 +102,7 @@ def fairness_of_run(
     *,
     baselines: FittedBaselines | None,
     labels: Mapping[str, str] | None = None,
+    adversary: Mapping[str, Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any] | None:
@@ -122,6 +118,9 @@ def fairness_of_run(
         (a deployment), which also leaves out the popularity of what is recommended.
     labels:
         Display names by model key (``federated``, ``popularity``, ``ease``, ``centralized``).
+    adversary:
+        The run's ``[fairness]`` section when it trained an on-device adversary (recorded
+        beside the attacker's AUC); ``None`` or an empty ``adversary`` otherwise.
     n_boot, seed:
         Bootstrap resamples of every interval, and the seed of the resampling and the attacker.
 
@@ -189,6 +188,7 @@ def fairness_of_run(
         "groups": group_sizes,
         "models": models,
         "rerank": rerank,
+        "adversary": dict(adversary) if adversary and adversary.get("adversary") else None,
         "anchors": ANCHORS,
     }
 
@@ -199,7 +199,9 @@ def group_gaps(
     """Test NDCG@100 per user group of one saved model, and the largest gap of each attribute.
 
     What a sweep point reports (cheaper than :func:`fairness_of_run`: one metric, fewer
-    resamples): ``{attribute: {"groups": {group: mean}, "gap", "high", "low", "gap_ci"}}``.
+    resamples): ``{attribute: {"groups": {group: mean}, "counted", "gap", "high", "low",
+    "gap_ci"}}``, the gap taken over the ``counted`` groups (at least
+    :data:`~common.fairness.groups.GAP_MIN_USERS` test users).
     """
     score, _ = _model_scorer(checkpoint)
     foldin, heldout = data.test_foldin, data.test_holdout
@@ -213,6 +215,7 @@ def group_gaps(
             continue
         out[name] = {
             "groups": {g: e["mean"] for g, e in table["groups"].items()},
+            "counted": [g for g, e in table["groups"].items() if e["n"] >= GAP_MIN_USERS],
             "gap": gap["value"],
             "high": gap["high"],
             "low": gap["low"],

@@ -455,7 +455,12 @@ def finish_results(run_dir: Path, *, wall_seconds: float, reference: dict[str, A
     results["reference"] = reference
     fitted = fit_baselines(run_dir)
     results["baselines"] = baselines_on_split(run_dir, fitted=fitted)
-    results["fairness"] = fairness_of_run(run_dir, baselines=fitted, labels=model_labels(results))
+    results["fairness"] = fairness_of_run(
+        run_dir,
+        baselines=fitted,
+        labels=model_labels(results),
+        adversary=(results.get("config") or {}).get("fairness"),
+    )
     results["provenance"] = provenance()
     atomic_write_json(path, results)
 

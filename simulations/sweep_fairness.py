@@ -7,7 +7,7 @@ an adversary head. Each point reports, on the same held-out users:
 
 - test NDCG@100 (:func:`common.rounds.test_metrics`) and its relative cost against weight 0;
 - the gender NDCG@100 gap, male minus female mean per-user NDCG@100, with bootstrap intervals
-  and the users per group (:func:`common.fairness.metrics.group_table`), on the test users and
+  and the users per group (:func:`common.fairness.groups.group_table`), on the test users and
   on validation + test users together (neither takes part in federated training);
 - the AUC of an attacker who reads the attribute from the latent code ``mu`` of the validation
   and test users (:func:`common.fairness.attacker.attacker_auc`, 5-fold cross-validated
@@ -39,7 +39,8 @@ import scipy.sparse as sp
 import torch
 
 from common.fairness.attacker import attacker_auc, attribute_classes, mann_whitney_auc
-from common.fairness.metrics import group_table, per_user_metrics
+from common.fairness.groups import group_table
+from common.fairness.metrics import per_user_metrics
 from common.io import atomic_write_json
 from common.model import build_model
 from common.run.config import PrivacyMode, RunConfig, load_run_config, run_model_config

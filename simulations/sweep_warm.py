@@ -89,7 +89,9 @@ def _run(config: Path, run_dir: Path, out: Path, sets: list[str]) -> dict[str, A
 
 
 def _mean_groups(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per attribute, each group's NDCG@100 and the largest gap, averaged over the runs."""
+    """Per attribute, each group's NDCG@100 averaged over the runs, and the largest gap between
+    those means (over the groups large enough to count, as in each run); each run's own gap
+    beside it."""
     out: dict[str, Any] = {}
     for name in runs[0].get("groups") or {}:
         entries = [r["groups"][name] for r in runs if name in (r.get("groups") or {})]
@@ -97,12 +99,15 @@ def _mean_groups(runs: list[dict[str, Any]]) -> dict[str, Any]:
             g: float(np.mean([e["groups"][g] for e in entries if g in e["groups"]]))
             for g in entries[0]["groups"]
         }
+        counted = [g for g in entries[0]["counted"] if g in groups]
+        high = max(counted, key=lambda g: groups[g])
+        low = min(counted, key=lambda g: groups[g])
         out[name] = {
             "groups": groups,
-            "gap": float(np.mean([e["gap"] for e in entries])),
+            "gap": groups[high] - groups[low],
             "gap_runs": [e["gap"] for e in entries],
-            "high": max(groups, key=lambda g: groups[g]),
-            "low": min(groups, key=lambda g: groups[g]),
+            "high": high,
+            "low": low,
         }
     return out
 

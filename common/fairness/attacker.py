@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from common.fairness.metrics import age_bucket
+from common.fairness.groups import age_bucket
 from common.run.config import ADVERSARY_CLASSES
 from common.training import latent_codes
 
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 def attribute_classes(attribute: str, values: npt.ArrayLike) -> np.ndarray:
     """The class name of each raw value, ``''`` when unknown or outside the vocabulary.
 
-    Ages are bucketed first (:func:`common.fairness.metrics.age_bucket`: ML-100K years and ML-1M
+    Ages are bucketed first (:func:`common.fairness.groups.age_bucket`: ML-100K years and ML-1M
     codes to the seven ML-1M groups); other attributes are taken as given.
 
     Parameters

@@ -31,7 +31,8 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from common.fairness.metrics import LIST_K, genre_mix, intra_list_diversity, miscalibration
+from common.fairness.genres import genre_mix, intra_list_diversity, miscalibration
+from common.fairness.metrics import LIST_K
 from common.metrics import ndcg_at_k, topk_indices
 
 __all__ = [
@@ -178,7 +179,7 @@ def _calibrated(
     The gain of adding candidate ``i`` to the list ``S`` is ``(1 - lam) rel(i) - lam
     KL(p || q~(S + i))``: the sum of relevance over ``S`` is the same for every candidate, so
     maximising the gain maximises Steck's objective one item at a time. ``q(S + i)`` is the genre
-    mix of the list (:func:`common.fairness.metrics.genre_mix`: the mean ``p(g|j)`` over its
+    mix of the list (:func:`common.fairness.genres.genre_mix`: the mean ``p(g|j)`` over its
     items with a genre), kept as a running genre sum and count.
     """
     pool, valid, rel = _pool(scores, size)
@@ -235,7 +236,7 @@ def mmr_rerank(
         ``(I,)``, higher is better; ``-inf`` for items not to recommend (fold-in). They are
         never chosen while a finite-scored candidate is left.
     genre_mat:
-        ``(I, G)`` item-genre rows (:func:`common.fairness.metrics.genre_matrix`).
+        ``(I, G)`` item-genre rows (:func:`common.fairness.genres.genre_matrix`).
     k:
         List length, 1 <= k <= I.
     lam:
@@ -268,7 +269,7 @@ def calibrated_rerank(
 
     Greedily maximises ``(1 - lam) * sum_{i in S} rel(i) - lam * KL(p || q~(S))`` one item at a
     time over the ``candidates`` best-scored items, with ``q~ = (1 - alpha) q + alpha p`` as in
-    :func:`common.fairness.metrics.miscalibration`. Steck weighs relevance by the predicted
+    :func:`common.fairness.genres.miscalibration`. Steck weighs relevance by the predicted
     probability; here ``rel`` is the score min-max normalised over the candidates (see the
     module docstring), so relevance per item is in [0, 1] whatever the model.
 
@@ -278,7 +279,7 @@ def calibrated_rerank(
         ``(I,)``, higher is better; ``-inf`` for items not to recommend.
     history_mix:
         ``(G,)`` genre distribution ``p(g|u)`` of the user's history
-        (:func:`common.fairness.metrics.genre_mix`); all zeros gives the plain top-k.
+        (:func:`common.fairness.genres.genre_mix`); all zeros gives the plain top-k.
     genre_mat:
         ``(I, G)`` item-genre rows.
     k:
@@ -434,9 +435,9 @@ def tradeoff_curve(
     head = min(LIST_K, int(k))
     # A catalogue smaller than k: the lists rank all of it (NDCG@k of a shorter list).
     k_list = min(int(k), s.shape[1])
-    pool = min(max(int(candidates), k_list), s.shape[1])
-    curve: list[dict[str, float | None]] = []
     top = min(head, k_list)
+    pool = min(max(int(candidates), top), s.shape[1])
+    curve: list[dict[str, float | None]] = []
     for lam in lams:
         start = time.perf_counter()
         shown = rerank_batch(

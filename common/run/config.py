@@ -446,7 +446,7 @@ read from the data (a vocabulary learnt from the clients' values would leak them
 
 ``gender``: MovieLens' ``F`` and ``M``. ``age``: the seven ML-1M age groups (its README), to which
 ML-100K's ages in years are bucketed by the same bounds
-(:func:`common.fairness.metrics.age_bucket`).
+(:func:`common.fairness.groups.age_bucket`).
 ``occupation``: ML-100K's 21 occupation names followed by ML-1M's 21 occupation codes ``"0"`` to
 ``"20"`` (both documented in the data sets' READMEs): one vocabulary for both, whose unused half
 the head learns to score low. A value outside the vocabulary counts as unknown."""

@@ -19,7 +19,13 @@ from rich.table import Table
 from common.io import atomic_write_bytes
 from simulations.report.markup import _e, _fmt, _img, _table
 
-__all__ = ["fairness_section", "fairness_summary", "fairness_tables", "plot_fairness"]
+__all__ = [
+    "adversary_text",
+    "fairness_section",
+    "fairness_summary",
+    "fairness_tables",
+    "plot_fairness",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,25 @@ def _gap_text(gap: dict[str, Any] | None) -> str:
 def _attributes(fairness: dict[str, Any]) -> list[str]:
     groups = fairness.get("groups") or {}
     return [a for a in ATTRIBUTES if len(groups.get(a) or {}) >= 2]
+
+
+def adversary_text(fairness: dict[str, Any]) -> str:
+    """One sentence on what the run did against attribute leakage, and where the before/after
+    comparison comes from."""
+    adv = fairness.get("adversary")
+    compare = (
+        "python -m simulations.sweep_fairness trains the same model with and without the "
+        "adversary and reports the AUC before and after with its NDCG@100 cost."
+    )
+    if not adv:
+        return "This run trained no adversary ([fairness] adversary is off). " + compare
+    knobs = ", ".join(
+        f"{k.removeprefix('adversary_')} {adv[k]}" for k in sorted(adv) if k != "adversary"
+    )
+    return (
+        f"The federated model was trained with an on-device {adv['adversary']} adversary "
+        f"({knobs}); the centralized reference without one. " + compare
+    )
 
 
 def fairness_summary(fairness: dict[str, Any]) -> Table:
@@ -146,6 +171,7 @@ def fairness_tables(fairness: dict[str, Any], *, metric: str = "ndcg@100") -> li
             table.add_column(a, justify="right")
         for label, att in attackers:
             table.add_row(str(label), *[_num((att.get(a) or {}).get("auc"), 3) for a in names])
+        table.caption = adversary_text(fairness)
         tables.append(table)
     for kind, curve in (fairness.get("rerank") or {}).items():
         if not curve:
@@ -288,6 +314,7 @@ def fairness_section(results: dict[str, Any], run_dir: Path) -> str:
     if attackers:
         names = sorted({a for _, att in attackers for a in att})
         parts.append("<h3>Attacker AUC from the latent code (0.5 = chance)</h3>")
+        parts.append(f'<p class="note">{_e(adversary_text(fairness))}</p>')
         parts.append(
             _html(
                 ["model", *names],

@@ -29,7 +29,7 @@ from common.checkpoint import (
 from common.cli import run_handler
 from common.data.synth import synthesize
 from common.errors import DataError
-from common.fairness.metrics import genre_matrix, genre_mix
+from common.fairness.genres import genre_matrix, genre_mix
 from common.fairness.rerank import RerankKind
 from common.model import ModelConfig, ModelKind, build_model
 from common.privacy.ledger import canonical_json

@@ -206,6 +206,8 @@ def test_a_flower_run_trains_the_gender_adversary_on_the_devices(tmp_path: Path)
     assert all(r["applied"] for r in results["rounds"])
     fair = results["fairness"]
     assert "gender" in fair["models"]["federated"]["attacker"]
+    assert fair["adversary"]["adversary"] == "gender"
+    assert fair["adversary"]["adversary_weight"] == 2.0
     assert "fairness on the test users" in proc.stdout
     assert 'id="fairness"' in (run / "report.html").read_text()
 

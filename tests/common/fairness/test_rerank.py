@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from common.fairness.metrics import genre_matrix, genre_mix, miscalibration
+from common.fairness.genres import genre_matrix, genre_mix, miscalibration
 from common.fairness.rerank import (
     RerankKind,
     calibrated_rerank,
