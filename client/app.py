@@ -44,6 +44,7 @@ from client.local import (
     adversary_labels,
     compute_update,
     diverged_update,
+    group_weights,
     local_metrics,
     nonfinite_reason,
     split_local,
@@ -200,7 +201,9 @@ def train(msg: Message, context: Context) -> Message:
             return Message(dpsgd, reply_to=msg)
         update, dpsgd_steps, dpsgd_sample_rate = dpsgd
     else:
-        labels = adversary_labels(cfg.fairness, _attributes(context, client_id), data.n_users)
+        attributes = _attributes(context, client_id)  # the shard's own, never sent
+        labels = adversary_labels(cfg.fairness, attributes, data.n_users)
+        user_weights = group_weights(cfg.fairness, attributes, data.n_users)
         update = compute_update(
             global_state,
             data,
@@ -209,6 +212,7 @@ def train(msg: Message, context: Context) -> Message:
             beta=beta,
             seed=seed,
             labels=labels,
+            user_weights=user_weights,
         )
     if update.diverged is not None:  # nothing to send: the reason, counted as a failure
         return Message(Divergence(update.diverged).to_content(), reply_to=msg)
@@ -227,7 +231,8 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _attributes(context: Context, client_id: int) -> dict[str, np.ndarray]:
-    """This client's own users' protected attributes, for the on-device adversary.
+    """This client's own users' protected attributes, for the on-device adversary and the
+    group re-weighting of its loss.
 
     A simulated client reads its rows' from the run folder; a device has no attribute profile
     yet (:mod:`client.store` reads only its history), so it trains without the adversary."""

@@ -211,7 +211,7 @@ def add_client_commands(sub: Subparsers) -> None:
         metavar="LAMBDA",
         help="the re-ranker's lambda in [0, 1]: diversity's weighs relevance (1: the model's "
         "order), calibrated's weighs calibration (0: the model's order) "
-        "(default: client.recommend.RERANK_LAMBDA, 0.5 for either)",
+        "(default: client.recommend.RERANK_LAMBDA: 0.7 for diversity, 0.4 for calibrated)",
     )
     p.add_argument(
         "--explain",

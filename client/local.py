@@ -5,7 +5,9 @@ every round sees the same split) to score the global model on the device itself.
 
 With ``[fairness] adversary`` set, the client also trains the model's adversary head on its own
 users' protected attribute (Adv-MultVAE, :func:`adversary_labels`); the attribute stays on the
-device, only the weights go into the update.
+device, only the weights go into the update. With ``[fairness] reweight`` it multiplies each of
+its users' loss terms by the public weight of the user's class (:func:`group_weights`), again
+from the attribute it holds alone.
 
 Training that goes non-finite (a NaN or infinite loss, or update) sends nothing: the update comes
 back marked :attr:`LocalUpdate.diverged` with the reason, which the ClientApp replies with
@@ -25,7 +27,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from common.fairness.attacker import attribute_labels
+from common.fairness.attacker import attribute_classes, attribute_labels
 from common.metrics import evaluate
 from common.model import ModelConfig, build_model
 from common.protocol import EVAL_USERS
@@ -39,6 +41,7 @@ __all__ = [
     "adversary_labels",
     "compute_update",
     "diverged_update",
+    "group_weights",
     "local_metrics",
     "nonfinite_reason",
     "split_local",
@@ -185,6 +188,30 @@ def adversary_labels(
     return attribute_labels(fairness.adversary, values)
 
 
+def group_weights(
+    fairness: FairnessConfig, attributes: Mapping[str, np.ndarray], n_users: int
+) -> np.ndarray | None:
+    """Each of this client's users' loss weight ``(n_users,)`` float32, or ``None``.
+
+    ``None`` without ``fairness.reweight``; else the table's weight for the class of each
+    user's ``fairness.reweight_attribute`` (:func:`common.fairness.attacker.attribute_classes`),
+    1 for a class not in the table or an unknown value. A client that lacks the attribute
+    altogether (a device without a profile) weighs every user 1.
+    """
+    table = fairness.group_weights
+    if not table:
+        return None
+    attribute = fairness.reweight_attribute
+    values = attributes.get(attribute)
+    if values is None:
+        logger.warning("no %r attribute on this client: its users all weigh 1", attribute)
+        return np.ones(n_users, dtype=np.float32)
+    if len(values) != n_users:
+        raise ValueError(f"{len(values)} {attribute!r} values for {n_users} users")
+    classes = attribute_classes(attribute, values).tolist()
+    return np.asarray([table.get(c, 1.0) for c in classes], dtype=np.float32)
+
+
 def compute_update(
     global_state: dict[str, torch.Tensor],
     data: LocalData,
@@ -194,6 +221,7 @@ def compute_update(
     beta: float,
     seed: int,
     labels: np.ndarray | None = None,
+    user_weights: np.ndarray | None = None,
 ) -> LocalUpdate:
     """Train the global model on the client's rows for ``client.local_epochs`` epochs.
 
@@ -204,6 +232,9 @@ def compute_update(
     (check :attr:`LocalUpdate.diverged`), never an exception. ``labels`` (``(n_users,)``
     int64, ``-1`` unknown; :func:`adversary_labels`) train the adversary head of a model
     config with ``adversary_classes > 0``; the delta then covers the head too.
+    ``user_weights`` (``(n_users,)`` float32, :func:`group_weights`) multiply each user's loss
+    term (``common.training.train_epochs``); the update's aggregation weight stays the user
+    count.
     """
     if labels is not None and model_config.adversary_classes == 0:
         raise ValueError("labels given but model_config has no adversary head")
@@ -227,6 +258,7 @@ def compute_update(
             generator=torch.Generator().manual_seed(seed),
             max_grad_norm=client.max_grad_norm,
             labels=labels,
+            user_weights=user_weights,
         )
     except FloatingPointError as err:  # loss is inf at update 2
         seconds = time.perf_counter() - start

@@ -21,7 +21,14 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from common.model import ModelConfig, VAEOutput, vae_loss
+from common.model import (
+    ModelConfig,
+    VAEOutput,
+    adversary_loss,
+    kl_divergence,
+    multinomial_nll,
+    vae_loss,
+)
 
 __all__ = [
     "StepOptimizer",
@@ -32,6 +39,7 @@ __all__ = [
     "make_optimizer",
     "score_users",
     "train_epochs",
+    "weighted_vae_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,6 +159,37 @@ def _dense_rows(
     return torch.from_numpy(data[rows].toarray()).to(device)  # (B, I) float32
 
 
+def weighted_vae_loss(
+    output: VAEOutput,
+    x: torch.Tensor,
+    user_weights: torch.Tensor,
+    *,
+    beta: float,
+    labels: torch.Tensor | None = None,
+    class_weights: tuple[float, ...] = (),
+) -> torch.Tensor:
+    """:func:`common.model.vae_loss` with each user's term times its weight, a scalar.
+
+    ``mean_b [w_b (nll_b + beta * KL_b + adv_b)]``: group re-weighting of the local loss
+    (``[fairness] reweight``), still a mean of per-user terms; all weights 1 give ``vae_loss``.
+
+    Parameters
+    ----------
+    output, x, beta, labels, class_weights:
+        As for :func:`common.model.vae_loss`.
+    user_weights:
+        ``(B,)`` float32 weight of each row of ``x`` (finite, > 0).
+    """
+    if not (math.isfinite(beta) and beta >= 0.0):
+        raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
+    per_user = multinomial_nll(output.logits, x)  # (B,)
+    if output.logvar is not None:
+        per_user = per_user + beta * kl_divergence(output.mu, output.logvar)  # (B,)
+    if labels is not None:
+        per_user = per_user + adversary_loss(output, labels, class_weights)  # (B,)
+    return (user_weights * per_user).mean()
+
+
 def train_epochs(
     model: nn.Module,
     data: Sparse,
@@ -163,6 +202,7 @@ def train_epochs(
     generator: torch.Generator | None = None,
     max_grad_norm: float | None = None,
     labels: npt.NDArray[np.int64] | None = None,
+    user_weights: npt.NDArray[np.float32] | None = None,
 ) -> TrainStats:
     """Train ``model`` for ``epochs`` passes over the rows of ``data`` (Liang et al. 2018, alg. 1).
 
@@ -197,11 +237,16 @@ def train_epochs(
         ``(n_users,)`` int64 protected-attribute classes (``-1`` unknown), shuffled with the
         rows: the adversary head's targets (Adv-MultVAE, :func:`common.model.adversary_loss`);
         the model must have the head. ``None`` (default) trains without the adversary.
+    user_weights:
+        ``(n_users,)`` float32 weight of each row's loss term (finite, > 0; group re-weighting,
+        ``client.local.group_weights``), shuffled with the rows: each batch descends
+        :func:`weighted_vae_loss`. ``None`` (default): :func:`common.model.vae_loss`, every row
+        weighing 1.
 
     Returns
     -------
     TrainStats
-        Updates done, mean loss, last ``beta``.
+        Updates done, mean loss (the weighted loss with ``user_weights``), last ``beta``.
 
     Raises
     ------
@@ -227,6 +272,13 @@ def train_epochs(
         y = torch.as_tensor(np.asarray(labels, dtype=np.int64))  # (n_users,)
         if y.shape != (n_users,):
             raise ValueError(f"labels must have shape ({n_users},), got {tuple(y.shape)}")
+    w = None
+    if user_weights is not None:
+        w = torch.as_tensor(np.asarray(user_weights, dtype=np.float32))  # (n_users,)
+        if w.shape != (n_users,):
+            raise ValueError(f"user_weights must have shape ({n_users},), got {tuple(w.shape)}")
+        if not bool((torch.isfinite(w) & (w > 0)).all()):
+            raise ValueError("user_weights must be finite and > 0")
     device = _device_of(model)
     model_cfg = getattr(getattr(model, "_module", model), "config", None)  # Opacus wraps it
     class_weights: tuple[float, ...] = ()
@@ -246,7 +298,13 @@ def train_epochs(
                 beta = 0.0 if beta_schedule is None else float(beta_schedule(step))
                 optimizer.zero_grad(set_to_none=True)
                 output: VAEOutput = model(x)
-                loss = vae_loss(output, x, beta=beta, labels=yb, class_weights=class_weights)
+                if w is None:
+                    loss = vae_loss(output, x, beta=beta, labels=yb, class_weights=class_weights)
+                else:
+                    wb = w[torch.from_numpy(batch)].to(device)  # (B,)
+                    loss = weighted_vae_loss(
+                        output, x, wb, beta=beta, labels=yb, class_weights=class_weights
+                    )
                 value = float(loss.item())
                 if not math.isfinite(value):  # before the step: the weights stay finite
                     raise FloatingPointError(f"loss is {value} at update {step}")

@@ -35,7 +35,13 @@ import torch
 from common.checkpoint import load_checkpoint
 from common.fairness.attacker import attacker_auc, latent_codes
 from common.fairness.genres import genre_matrix
-from common.fairness.groups import GAP_MIN_USERS, age_bucket, group_table, user_groups
+from common.fairness.groups import (
+    GAP_MIN_USERS,
+    age_bucket,
+    group_order,
+    group_table,
+    user_groups,
+)
 from common.fairness.metrics import assess
 from common.fairness.rerank import tradeoff_curve
 from common.metrics import mask_foldin_inplace, ndcg_at_k
@@ -180,7 +186,7 @@ def fairness_of_run(
         models["centralized"] = one("centralized", _scores(central, foldin))
         models["centralized"]["attacker"] = _attacker(ref_model, data, seed=seed)
     group_sizes = {
-        name: {g: int((values == g).sum()) for g in sorted(set(values.tolist()) - {""})}
+        name: {g: int((values == g).sum()) for g in group_order(values)}
         for name, values in groups.items()
     }
     return {

@@ -82,7 +82,13 @@ import numpy as np
 import torch
 
 from client.dp_mod import seeded_noise_rng
-from client.local import LocalData, adversary_labels, compute_update, split_local
+from client.local import (
+    LocalData,
+    adversary_labels,
+    compute_update,
+    group_weights,
+    split_local,
+)
 from common.checkpoint import Checkpoint, model_provenance, save_checkpoint
 from common.config import to_dict
 from common.io import atomic_write_json
@@ -114,6 +120,7 @@ from simulations.cohort_batch import (
     batched_unsupported,
     client_labels,
     client_train_rows,
+    client_user_weights,
     cohort_update_sum,
 )
 from simulations.warm_inprocess import warm_start_inprocess
@@ -223,10 +230,11 @@ class _Round:
             data = _local_data(
                 str(self.run_dir), cid, cfg.data.client_holdout_fraction, split_seed(cfg.seed, cid)
             )
-            labels = None
-            if cfg.fairness.adversary:  # the client's own users' attribute (Adv-MultVAE)
+            labels = user_weights = None
+            if cfg.fairness.adversary or cfg.fairness.reweight:  # the client's own attribute
                 attributes = _client_attributes(str(self.run_dir), cid)
                 labels = adversary_labels(cfg.fairness, attributes, data.n_users)
+                user_weights = group_weights(cfg.fairness, attributes, data.n_users)
             update = compute_update(
                 state,
                 data,
@@ -235,6 +243,7 @@ class _Round:
                 beta=beta,
                 seed=train_seed(cfg.seed, server_round, cid),
                 labels=labels,
+                user_weights=user_weights,
             )
             if update.diverged is not None:  # the ClientApp sends no update either
                 self.diverged.append(f"client {cid}: diverged: {update.diverged}")
@@ -279,6 +288,7 @@ class _Round:
             lr=cfg.client.lr,
             clip=None if plan is None else plan.clip,
             labels=client_labels(self.run_dir, cohort, cfg.fairness),
+            user_weights=client_user_weights(self.run_dir, cohort, cfg.fairness),
         )
         if plan is None:
             return total, float(len(cohort))  # one user per client: weight 1 each

@@ -16,7 +16,11 @@ an adversary head. Each point reports, on the same held-out users:
   below the attacker's, the heads were fooled rather than the code cleaned.
 
 The other ``[fairness]`` knobs (heads, objective, balance, speed) come from the config or
-``--set fairness.KEY=VALUE`` and are recorded with each point.
+``--set fairness.KEY=VALUE`` and are recorded with each point; so does group re-weighting of
+the local loss, which runs with or without the adversary (``--weights 0`` leaves it alone)::
+
+    python -m simulations.sweep_fairness --datasets ml-1m --weights 0 --threads 1 \\
+        --set 'fairness.reweight={F = 2.0, M = 1.0}' --out runs/fair-reweight
 
 Writes ``OUT/fairness.json`` and prints a table::
 
@@ -203,15 +207,20 @@ def _fmt(value: float | None) -> str:
 
 
 def _knobs(point: dict[str, Any]) -> str:
-    """The head's settings of a point (``heads/objective/balance/speed/hidden``), or ``-``."""
-    f = point.get("fairness")
-    if point["adversary_weight"] == 0 or not f:
-        return "-"
-    balance = "bal" if f.get("adversary_balance") else "unbal"
-    return (
-        f"{f.get('adversary_heads', 1)}h {f.get('adversary_objective', 'reverse')} {balance} "
-        f"s{f.get('adversary_speed', 1.0):g} h{f.get('adversary_hidden', 64)}"
-    )
+    """The head's settings of a point (``heads/objective/balance/speed/hidden``) and its group
+    re-weighting (``reweight gender F2 M1``), or ``-`` for neither."""
+    f = point.get("fairness") or {}
+    parts = []
+    if point["adversary_weight"] != 0 and f:
+        balance = "bal" if f.get("adversary_balance") else "unbal"
+        parts.append(
+            f"{f.get('adversary_heads', 1)}h {f.get('adversary_objective', 'reverse')} {balance} "
+            f"s{f.get('adversary_speed', 1.0):g} h{f.get('adversary_hidden', 64)}"
+        )
+    if f.get("reweight"):
+        table = " ".join(f"{group}{weight:g}" for group, weight in f["reweight"])
+        parts.append(f"reweight {f.get('reweight_attribute', 'gender')} {table}")
+    return "; ".join(parts) or "-"
 
 
 def table(results: dict[str, Any]) -> str:

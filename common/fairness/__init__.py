@@ -37,6 +37,7 @@ from common.fairness.groups import (
     activity_quartiles,
     age_bucket,
     bootstrap_ci,
+    group_order,
     group_table,
     user_groups,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "genre_matrix",
     "genre_mix",
     "gini",
+    "group_order",
     "group_table",
     "intra_list_diversity",
     "latent_codes",

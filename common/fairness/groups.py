@@ -25,6 +25,7 @@ __all__ = [
     "activity_quartiles",
     "age_bucket",
     "bootstrap_ci",
+    "group_order",
     "group_table",
     "user_groups",
 ]
@@ -248,6 +249,12 @@ def _label_key(label: str) -> tuple[int, float, str]:
     return (1, number, label) if math.isfinite(number) else (2, 0.0, label)
 
 
+def group_order(labels: npt.ArrayLike) -> list[str]:
+    """The distinct known labels (not ``''``) in table order: :data:`AGE_BUCKETS` order, then
+    numeric labels by value, then alphabetical."""
+    return sorted({str(v) for v in np.unique(np.asarray(labels, dtype=str))} - {""}, key=_label_key)
+
+
 def group_table(
     values: npt.ArrayLike,
     groups: npt.ArrayLike,
@@ -299,7 +306,7 @@ def group_table(
     rng = np.random.default_rng(seed)
     table: dict[str, GroupStats] = {}
     boots: dict[str, FloatArray] = {}
-    for label in sorted({str(v) for v in np.unique(labels)} - {""}, key=_label_key):
+    for label in group_order(labels):
         xg = x[(labels == label) & finite]
         if xg.size < min_users:
             continue

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from common.config import load_config, load_toml
 from common.errors import ConfigError
@@ -459,6 +460,42 @@ ADVERSARY_PRIORS: dict[str, tuple[float, ...]] = {"gender": (0.28, 0.72)}
 6,040 are ``F`` (29% and 28%)."""
 
 
+def _group_weight_table(raw: object) -> tuple[tuple[str, float], ...]:
+    """``fairness.reweight`` as sorted ``((class, weight), ...)`` from a TOML table, a list of
+    ``[class, weight]`` pairs (the form :func:`common.config.to_dict` writes back) or ``()``.
+
+    Raises
+    ------
+    ValueError
+        For another shape, a repeated class, or a weight that is not a finite number > 0.
+    """
+    if isinstance(raw, Mapping):
+        pairs = list(raw.items())
+    elif isinstance(raw, list | tuple) and all(
+        isinstance(p, list | tuple) and len(p) == 2 for p in raw
+    ):
+        pairs = [(p[0], p[1]) for p in raw]
+    else:
+        raise ValueError(
+            f"fairness.reweight must be a table of class = weight (e.g. {{F = 2.0, M = 1.0}}), "
+            f"got {raw!r}"
+        )
+    table: dict[str, float] = {}
+    for group, weight in pairs:
+        if not isinstance(group, str) or group in table:
+            raise ValueError(f"fairness.reweight has {group!r}: not a new class name")
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ValueError(
+                f"fairness.reweight weight of {group!r} must be a number, got {weight!r}"
+            )
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(
+                f"fairness.reweight weight of {group!r} must be finite and > 0, got {weight!r}"
+            )
+        table[group] = float(weight)
+    return tuple(sorted(table.items()))
+
+
 @dataclass(frozen=True)
 class FairnessConfig:
     """On-device adversarial debiasing (Adv-MultVAE, Ganhor et al. SIGIR 2022).
@@ -495,6 +532,17 @@ class FairnessConfig:
     adversary_prior: tuple[float, ...] = ()
     """Public class shares for ``adversary_balance`` (one positive number per class, summing to
     1); ``()`` (default): :data:`ADVERSARY_PRIORS` for the attribute."""
+    reweight: Any = ()
+    """Group re-weighting of the local loss: a public table ``{F = 2.0, M = 1.0}`` of a weight
+    (finite, > 0) per class of ``reweight_attribute`` (names from :data:`ADVERSARY_CLASSES`;
+    ML-100K ages by their ML-1M bucket). Each client multiplies each of its users' loss term by
+    the weight of that user's class (1 for a class not in the table, or an unknown value) before
+    the batch mean; the attribute stays on the device. Given as a TOML table (or a list of
+    ``[class, weight]`` pairs); held as ``((class, weight), ...)`` sorted by class. ``()``
+    (default): off, every user weighs 1."""
+    reweight_attribute: str = "gender"
+    """The protected attribute whose classes ``reweight`` weighs (a key of
+    :data:`ADVERSARY_CLASSES`); independent of ``adversary``, so either mitigation runs alone."""
 
     def __post_init__(self) -> None:
         if self.adversary and self.adversary not in ADVERSARY_CLASSES:
@@ -520,6 +568,19 @@ class FairnessConfig:
             raise ValueError(
                 f"fairness.adversary_prior must be positive shares summing to 1, got {list(prior)}"
             )
+        object.__setattr__(self, "reweight", _group_weight_table(self.reweight))
+        if self.reweight_attribute not in ADVERSARY_CLASSES:
+            raise ValueError(
+                f"fairness.reweight_attribute must be one of {sorted(ADVERSARY_CLASSES)}, "
+                f"got {self.reweight_attribute!r}"
+            )
+        vocabulary = ADVERSARY_CLASSES[self.reweight_attribute]
+        unknown = [g for g, _ in self.reweight if g not in vocabulary]
+        if unknown:
+            raise ValueError(
+                f"fairness.reweight names classes {unknown} that {self.reweight_attribute!r} does "
+                f"not have (its classes: {list(vocabulary)})"
+            )
         if self.adversary and self.adversary_balance:
             shares = prior or ADVERSARY_PRIORS.get(self.adversary, ())
             if len(shares) != len(self.classes):
@@ -535,6 +596,11 @@ class FairnessConfig:
             return ()
         shares = self.adversary_prior or ADVERSARY_PRIORS[self.adversary]
         return tuple(1.0 / (len(shares) * p) for p in shares)
+
+    @property
+    def group_weights(self) -> dict[str, float]:
+        """``reweight`` as ``{class: weight}``; empty when re-weighting is off."""
+        return dict(self.reweight)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -668,6 +734,12 @@ class RunConfig:
                 "silos (client.dpsgd) train without the adversary's labels; use privacy.mode = "
                 "'client' or 'off'"
             )
+        if self.fairness.reweight and self.privacy.mode is PrivacyMode.EXAMPLE:
+            raise ValueError(
+                "fairness.reweight is not supported with privacy.mode = 'example': the DP-SGD "
+                "silos (client.dpsgd) take no per-user weights; use privacy.mode = 'client' or "
+                "'off'"
+            )
         if self.privacy.mode is PrivacyMode.EXAMPLE and self.client.optimizer != "sgd":
             raise ValueError(
                 "privacy.mode = 'example' runs DP-SGD (Opacus, plain SGD steps): set "
@@ -700,7 +772,7 @@ def run_model_config(cfg: RunConfig, n_items: int) -> ModelConfig:
 
 
 def check_fairness(cfg: RunConfig, attributes: Collection[str]) -> None:
-    """Refuse an adversary for a user attribute the data set does not have.
+    """Refuse an adversary, or a re-weighting, by a user attribute the data set does not have.
 
     Parameters
     ----------
@@ -713,16 +785,20 @@ def check_fairness(cfg: RunConfig, attributes: Collection[str]) -> None:
     Raises
     ------
     ConfigError
-        Naming ``fairness.adversary`` and the attributes the data has.
+        Naming ``fairness.adversary`` (or ``fairness.reweight_attribute``) and the attributes
+        the data has.
     """
-    wanted = cfg.fairness.adversary
-    if wanted and wanted not in attributes:
-        have = ", ".join(sorted(attributes)) or "none"
-        raise ConfigError(
-            f"fairness.adversary = {wanted!r}: {cfg.data.dataset} has no user attribute "
-            f"{wanted!r} (its user attributes: {have})",
-            key="fairness.adversary",
-        )
+    have = ", ".join(sorted(attributes)) or "none"
+    checks = [("fairness.adversary", cfg.fairness.adversary)]
+    if cfg.fairness.reweight:
+        checks.append(("fairness.reweight_attribute", cfg.fairness.reweight_attribute))
+    for key, wanted in checks:
+        if wanted and wanted not in attributes:
+            raise ConfigError(
+                f"{key} = {wanted!r}: {cfg.data.dataset} has no user attribute {wanted!r} "
+                f"(its user attributes: {have})",
+                key=key,
+            )
 
 
 COHORT_QUANTILE = 0.025

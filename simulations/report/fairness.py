@@ -14,6 +14,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from rich.markup import escape
 from rich.table import Table
 
 from common.io import atomic_write_bytes
@@ -96,31 +97,31 @@ def adversary_text(fairness: dict[str, Any]) -> str:
 
 def fairness_summary(fairness: dict[str, Any]) -> Table:
     """One compact table for the end of a run: per model, the largest NDCG@100 gap of each
-    attribute, coverage, exposure, long tail, miscalibration and the attacker's gender AUC."""
-    attributes = _attributes(fairness)
-    table = Table(title="fairness on the test users (fedrec report fairness RUN for the detail)")
+    attribute that has one, coverage, exposure, long tail, miscalibration and the attacker's
+    gender AUC (``fedrec report fairness RUN`` has the groups and intervals)."""
+    models = _models(fairness)
+
+    def gap_of(m: dict[str, Any], attribute: str) -> dict[str, Any]:
+        ndcg = (m.get("users") or {}).get("ndcg@100") or {}
+        return (ndcg.get(attribute) or {}).get("gap") or {}
+
+    attributes = [a for a in _attributes(fairness) if any(gap_of(m, a) for _, m in models)]
+    table = Table(title="fairness on the test users (fedrec report fairness RUN: the detail)")
     table.add_column("model")
     for a in attributes:
-        table.add_column(f"NDCG@100 gap, {a}", justify="right")
-    for col in ("coverage@20", "Gini@20", "long tail@20", "miscalibration@20", "AUC gender"):
+        table.add_column(f"gap {a}", justify="right")
+    for col in ("cov@20", "Gini@20", "tail@20", "KL@20", "AUC gender"):
         table.add_column(col, justify="right")
-    for _, m in _models(fairness):
-        ndcg = (m.get("users") or {}).get("ndcg@100") or {}
-        gaps = []
-        for a in attributes:
-            gap = (ndcg.get(a) or {}).get("gap") or {}
-            gaps.append(
-                f"{_num(gap.get('value'))} ({gap.get('high')}>{gap.get('low')})" if gap else "–"
-            )
+    for _, m in models:
         items, genres = m.get("items") or {}, m.get("genres") or {}
         auc = ((m.get("attacker") or {}).get("gender") or {}).get("auc")
         table.add_row(
             str(m.get("label")),
-            *gaps,
-            _num(items.get("coverage@20")),
-            _num(items.get("gini@20")),
-            _num(items.get("long_tail@20")),
-            _num(genres.get("miscalibration@20")),
+            *[_num(gap_of(m, a).get("value"), 3) for a in attributes],
+            _num(items.get("coverage@20"), 3),
+            _num(items.get("gini@20"), 3),
+            _num(items.get("long_tail@20"), 3),
+            _num(genres.get("miscalibration@20"), 3),
             _num(auc, 3),
         )
     return table
@@ -171,18 +172,19 @@ def fairness_tables(fairness: dict[str, Any], *, metric: str = "ndcg@100") -> li
             table.add_column(a, justify="right")
         for label, att in attackers:
             table.add_row(str(label), *[_num((att.get(a) or {}).get("auc"), 3) for a in names])
-        table.caption = adversary_text(fairness)
+        table.caption = escape(adversary_text(fairness))
         tables.append(table)
     for kind, curve in (fairness.get("rerank") or {}).items():
         if not curve:
             continue
         table = Table(title=f"re-ranking the federated model's lists: {kind}")
-        for col in ("λ", "NDCG@100", "miscalibration@20", "genre diversity@20"):
+        for col in ("λ", "NDCG@100", "NDCG@20", "miscalibration@20", "genre diversity@20"):
             table.add_column(col, justify="right")
         for point in curve:
             table.add_row(
                 f"{point['lam']:g}",
                 _num(point.get("ndcg@100")),
+                _num(point.get("ndcg@20")),
                 _num(point.get("miscalibration@20")),
                 _num(point.get("diversity@20")),
             )
@@ -329,11 +331,12 @@ def fairness_section(results: dict[str, Any], run_dir: Path) -> str:
             parts.append(f"<h3>Re-ranking the federated lists: {_e(kind)}</h3>")
             parts.append(
                 _html(
-                    ["λ", "NDCG@100", "miscalibration@20", "genre diversity@20"],
+                    ["λ", "NDCG@100", "NDCG@20", "miscalibration@20", "genre diversity@20"],
                     [
                         [
                             f"{p['lam']:g}",
                             _fmt(p.get("ndcg@100")),
+                            _fmt(p.get("ndcg@20")),
                             _fmt(p.get("miscalibration@20")),
                             _fmt(p.get("diversity@20")),
                         ]

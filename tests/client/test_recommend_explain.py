@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from client.cli import add_client_commands
-from client.recommend import explain, provenance_line, recommend
+from client.recommend import RERANK_LAMBDA, explain, provenance_line, recommend
 from common.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoint,
@@ -360,7 +360,8 @@ def test_json_names_the_model_and_the_rerank(
     head = ledger_head(traced_model.parent / "ledger.jsonl")
     assert payload["provenance"] == {"run_id": "run-7", "round": 3, "ledger_head": head}
     assert payload["model"] == f"model: run run-7, round 3, ledger {head[:16]}"
-    assert payload["rerank"]["kind"] == "calibrated" and payload["rerank"]["lambda"] == 0.5
+    assert payload["rerank"]["kind"] == "calibrated"
+    assert payload["rerank"]["lambda"] == RERANK_LAMBDA[RerankKind.CALIBRATED]
     assert payload["rerank"]["history_mix"] == {"Drama": 1.0}
     assert payload["rerank"]["miscalibration_after"] <= payload["rerank"]["miscalibration_before"]
     assert len(payload["items"]) == 4

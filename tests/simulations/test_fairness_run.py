@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from common.fairness import AGE_BUCKETS
 from common.model import ModelConfig, build_model
 from common.run.config import load_run_config
 from common.run.folder import load_eval_data, write_run_folder
@@ -111,6 +112,8 @@ def test_every_model_is_measured_per_group_on_the_same_test_users(run_dir: Path)
     women = int((load_eval_data(run_dir).test_attributes["gender"] == "F").sum())
     assert fair["groups"]["gender"] == {"F": women, "M": 60 - women}
     assert sum(fair["groups"]["activity"].values()) == 60
+    ages = list(fair["groups"]["age"])  # youngest first, as every table lists them
+    assert ages == [b for b in AGE_BUCKETS if b in ages] and len(ages) >= 3
     for model in fair["models"].values():
         gender = model["users"]["ndcg@100"]["gender"]
         f, m = gender["groups"]["F"], gender["groups"]["M"]
@@ -150,6 +153,7 @@ def test_report_fairness_measures_an_older_run_and_prints_json(
     assert main(["report", "fairness", str(run_dir)]) == 0
     table = capsys.readouterr().out
     assert "ndcg@100 per gender group" in table and "largest gap" in table
+    assert "([fairness]" in table  # the attacker table's note, not eaten as markup
 
 
 def test_report_fairness_names_a_folder_without_results(
