@@ -59,6 +59,7 @@ __all__ = [
     "build_model",
     "kl_divergence",
     "multinomial_nll",
+    "per_user_loss",
     "reverse_gradient",
     "run_adversary_head",
     "vae_loss",
@@ -543,6 +544,20 @@ def vae_loss(
         The adversary's per-class weights (``ModelConfig.adversary_class_weights``); ``()``
         (default): 1 each.
     """
+    return per_user_loss(output, x, beta=beta, labels=labels, class_weights=class_weights).mean()
+
+
+def per_user_loss(
+    output: VAEOutput,
+    x: torch.Tensor,
+    *,
+    beta: float,
+    labels: torch.Tensor | None = None,
+    class_weights: tuple[float, ...] = (),
+) -> torch.Tensor:
+    """Each user's term of :func:`vae_loss`, ``(B,)``: ``nll_b + beta * KL_b`` (Mult-DAE: the
+    NLL), plus the adversary's cross-entropy with ``labels``. Parameters as in :func:`vae_loss`.
+    """
     if not (math.isfinite(beta) and beta >= 0.0):
         raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
     per_user = multinomial_nll(output.logits, x)  # (B,)
@@ -550,7 +565,7 @@ def vae_loss(
         per_user = per_user + beta * kl_divergence(output.mu, output.logvar)  # (B,)
     if labels is not None:
         per_user = per_user + adversary_loss(output, labels, class_weights)  # (B,)
-    return per_user.mean()
+    return per_user
 
 
 def anneal_beta(step: int, *, cap: float, total_steps: int) -> float:

@@ -21,14 +21,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from common.model import (
-    ModelConfig,
-    VAEOutput,
-    adversary_loss,
-    kl_divergence,
-    multinomial_nll,
-    vae_loss,
-)
+from common.model import ModelConfig, VAEOutput, per_user_loss, vae_loss
 
 __all__ = [
     "StepOptimizer",
@@ -180,13 +173,7 @@ def weighted_vae_loss(
     user_weights:
         ``(B,)`` float32 weight of each row of ``x`` (finite, > 0).
     """
-    if not (math.isfinite(beta) and beta >= 0.0):
-        raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
-    per_user = multinomial_nll(output.logits, x)  # (B,)
-    if output.logvar is not None:
-        per_user = per_user + beta * kl_divergence(output.mu, output.logvar)  # (B,)
-    if labels is not None:
-        per_user = per_user + adversary_loss(output, labels, class_weights)  # (B,)
+    per_user = per_user_loss(output, x, beta=beta, labels=labels, class_weights=class_weights)
     return (user_weights * per_user).mean()
 
 
