@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from rich.markup import escape
 from rich.table import Table
 
+from common.fairness.groups import GAP_MIN_USERS
 from common.io import atomic_write_bytes
 from simulations.report.markup import _e, _fmt, _img, _table
 
@@ -206,16 +207,24 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def plot_fairness(fairness: dict[str, Any], run_dir: Path) -> list[tuple[Path, str]]:
-    """Write ``fairness.png`` (NDCG@100 per group with intervals, a panel per attribute) and
+    """Write ``fairness.png`` (NDCG@100 per group of at least
+    :data:`~common.fairness.groups.GAP_MIN_USERS` test users, with intervals, a panel per
+    attribute with two such groups or more) and
     ``rerank.png`` (the trade-off curves); the written paths with their captions."""
     written: list[tuple[Path, str]] = []
-    attributes = _attributes(fairness)
+    sizes = fairness.get("groups") or {}
+    # the groups large enough to count in the largest gap; smaller ones are in the tables
+    shown = {
+        a: [g for g, n in (sizes.get(a) or {}).items() if n >= GAP_MIN_USERS]
+        for a in _attributes(fairness)
+    }
+    attributes = [a for a, groups in shown.items() if len(groups) >= 2]
     models = _models(fairness)
     if attributes and models:
         fig = _figure(len(attributes))
         axes = fig.subplots(1, len(attributes), squeeze=False)[0]
         for ax, attribute in zip(axes, attributes, strict=True):
-            groups = list((fairness.get("groups") or {}).get(attribute) or {})
+            groups = shown[attribute]
             width = 0.8 / len(models)
             for j, (_, m) in enumerate(models):
                 table = ((m.get("users") or {}).get("ndcg@100") or {}).get(attribute) or {}
@@ -233,10 +242,17 @@ def plot_fairness(fairness: dict[str, Any], run_dir: Path) -> list[tuple[Path, s
             ax.set_xticks(range(len(groups)), groups, rotation=45 if len(groups) > 4 else 0)
             ax.set_title(f"NDCG@100 by {attribute}")
             ax.grid(axis="y", alpha=0.3)
-        fig.axes[0].legend(fontsize="small")
+        handles, names = fig.axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncols=len(models), fontsize="small")
         path = Path(run_dir) / "fairness.png"
         _save(fig, path)
-        written.append((path, "Test NDCG@100 per user group, with 95% bootstrap intervals"))
+        written.append(
+            (
+                path,
+                f"Test NDCG@100 per user group of at least {GAP_MIN_USERS} test users, with 95% "
+                "bootstrap intervals",
+            )
+        )
     curves = {k: c for k, c in (fairness.get("rerank") or {}).items() if c}
     if curves:
         fig = _figure(2)
